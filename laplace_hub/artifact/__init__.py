@@ -1,0 +1,6 @@
+"""Artifacts in memory and on disk: read, write, shard, checksum, lazy loading."""
+
+from laplace_hub.artifact.artifact import Artifact
+from laplace_hub.artifact.builder import ArtifactBuilder, minimal_fields, software_versions
+
+__all__ = ["Artifact", "ArtifactBuilder", "minimal_fields", "software_versions"]

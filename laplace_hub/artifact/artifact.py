@@ -1,0 +1,177 @@
+"""An artifact in memory or on disk: manifest plus lazily loaded tensors, turned into blocks."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from torch import Tensor
+
+from laplace_hub.artifact.codec import as_dtype, decode_tridiag, decode_weight_block
+from laplace_hub.artifact.store import DEFAULT_MAX_SHARD_BYTES, write_artifact
+from laplace_hub.curvature import Block, LoraPairBlock
+from laplace_hub.errors import ArtifactError, ArtifactNotFoundError
+from laplace_hub.manifest import (
+    KronTridiagBlockEntry,
+    LoraParameterization,
+    Manifest,
+    ModuleEntry,
+    expected_tensors,
+)
+
+
+class _DiskTensors:
+    """Tensors read on demand from memory-mapped safetensors files."""
+
+    def __init__(self, folder: Path, layout: dict[str, str]) -> None:
+        self.folder = folder
+        self.layout = layout
+        self._handles: dict[str, Any] = {}
+
+    def __call__(self, key: str) -> Tensor:
+        name = self.layout[key]
+        if name not in self._handles:
+            self._handles[name] = safe_open(str(self.folder / name), framework="pt")
+        return self._handles[name].get_tensor(key)
+
+
+class Artifact:
+    """A curvature artifact: its :class:`Manifest` and a way to get its tensors.
+
+    Open one from a folder with :meth:`open`, build one with :class:`ArtifactBuilder`, then ask
+    for a module's :meth:`block`.
+
+    Example:
+        >>> art = Artifact.open("spec/conformance/valid/weight-kron")
+        >>> art.manifest.parameterization.kind
+        'weight'
+        >>> block = art.block(next(iter(art.manifest.modules)))
+        >>> type(block).__name__
+        'KronBlock'
+
+    """
+
+    def __init__(self, manifest: Manifest, tensors: Callable[[str], Tensor], path: Path | None = None) -> None:
+        self.manifest = manifest
+        self._tensors = tensors
+        self.path = path
+
+    @classmethod
+    def open(cls, path: str | Path, *, verify_checksums: bool = False) -> Artifact:
+        """Open an artifact folder lazily: only the manifest, index and headers are read now.
+
+        Raises:
+            ArtifactNotFoundError: no artifact at ``path``.
+            UnsupportedVersionError: the artifact's major spec version is not ours.
+            ArtifactError: anything else the spec forbids (the first finding; run the validator
+                for all of them).
+
+        """
+        from laplace_hub.validate import validate
+
+        folder = Path(path)
+        report = validate(folder, checksums=verify_checksums, values=False)
+        if report.errors and report.errors[0].code in ("artifact.not_found", "manifest.missing"):
+            raise ArtifactNotFoundError(
+                f"no laplace-hub artifact here ({report.errors[0].message})", location=str(folder)
+            )
+        report.raise_first()
+        assert report.manifest is not None
+        return cls(report.manifest, _DiskTensors(folder, report.layout), folder)
+
+    def tensor(self, key: str) -> Tensor:
+        """One stored tensor, as stored."""
+        return self._tensors(key)
+
+    def module(self, name: str) -> ModuleEntry:
+        """The manifest entry of a module, with an error naming the known ones."""
+        try:
+            return self.manifest.modules[name]
+        except KeyError:
+            known = ", ".join(list(self.manifest.modules)[:5])
+            raise ArtifactError(f"no module {name!r} in the artifact (it has {known}, ...)") from None
+
+    def block(
+        self,
+        module: str,
+        dataset: str | None = None,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> Block:
+        """The precision of one module: a weight block, or a LoRA pair block.
+
+        Args:
+            module: The base model's module name.
+            dataset: One dataset's block; ``None`` combines all as the manifest says (summed,
+                with each dataset's weight when they are stored separately).
+            dtype: Dtype of the returned tensors (penalties accumulate in float32 by default).
+            device: Where the tensors go.
+
+        """
+        entry = self.module(module)
+        get = as_dtype(self._tensors, dtype, device)
+        weights = {d.name: d.weight for d in self.manifest.datasets}
+        groups: dict[str | None, list[Any]] = {}
+        for block in entry.blocks:
+            if dataset is None or block.dataset == dataset:
+                groups.setdefault(block.dataset, []).append(block)
+        if not groups:
+            raise ArtifactError(f"module {module!r} has no block for dataset {dataset!r}")
+        blocks = [self._decode(entry, group, get) for group in groups.values()]
+        if len(blocks) == 1 and (dataset is not None or None in groups):
+            return blocks[0]
+        scaled = [b.scale(weights[name]) if weights[name] != 1.0 else b for name, b in zip(groups, blocks, strict=True)]  # type: ignore[index]
+        total = scaled[0]
+        for b in scaled[1:]:
+            total = total + b
+        return total
+
+    def _decode(self, module: ModuleEntry, entries: list[Any], get: Callable[[str], Tensor]) -> Block:
+        shape = (module.shape[0], module.shape[1])
+        lora = self.manifest.parameterization
+        if not isinstance(lora, LoraParameterization):
+            return decode_weight_block(entries[0], shape, get)
+        if isinstance(entries[0], KronTridiagBlockEntry):
+            return decode_tridiag(entries[0], shape, lora.rank, get)
+        by_param = {e.param: e for e in entries}
+        d_out, d_in = shape
+        return LoraPairBlock(
+            decode_weight_block(by_param["lora_A"], (lora.rank, d_in), get),
+            decode_weight_block(by_param["lora_B"], (d_out, lora.rank), get),
+        )
+
+    def lora_init(self, module: str) -> tuple[Tensor, Tensor]:
+        """The stored LoRA init ``(A₀, B₀)`` of a module (lora parameterization only)."""
+        init = self.module(module).lora_init
+        if init is None:
+            raise ArtifactError(f"module {module!r} has no LoRA init: the artifact is weight-parameterized")
+        return self._tensors(init.lora_A), self._tensors(init.lora_B)
+
+    def tensors(self) -> dict[str, Tensor]:
+        """Every referenced tensor, loaded (for saving a copy)."""
+        return {key: self._tensors(key) for key in expected_tensors(self.manifest)}
+
+    def nbytes(self, module: str | None = None) -> int:
+        """Bytes stored for one module's tensors, or for all (shared tensors counted once)."""
+        specs = expected_tensors(self.manifest)
+        if module is not None:
+            specs = {k: s for k, s in specs.items() if s.where.startswith(f"modules.{module}.")}
+        sizes = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
+        return sum(sizes[s.dtype] * math.prod(s.shape) for s in specs.values())
+
+    def save(
+        self, path: str | Path, *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False
+    ) -> Artifact:
+        """Write the artifact to a folder atomically (sharded above ``max_shard_bytes``).
+
+        Returns:
+            The artifact opened from its new folder.
+
+        """
+        write_artifact(self.manifest, self.tensors(), Path(path), max_shard_bytes=max_shard_bytes, overwrite=overwrite)
+        return Artifact.open(path)

@@ -1,0 +1,57 @@
+"""The ``laplace-hub`` command: thin wrappers over the library, one module per command.
+
+Known errors become one line on stderr and exit 1; usage errors exit 2. Set
+``LAPLACE_HUB_DEBUG=1`` to see tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from laplace_hub import __version__
+from laplace_hub.cli import inspect_cmd, validate_cmd
+from laplace_hub.errors import LaplaceHubError
+
+COMMANDS = (validate_cmd, inspect_cmd)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every subcommand registered."""
+    parser = argparse.ArgumentParser(
+        prog="laplace-hub",
+        description="Publish, validate and use Laplace curvature artifacts for LoRA fine-tuning.",
+        epilog="Run `laplace-hub COMMAND --help` for examples.",
+    )
+    parser.add_argument("--version", action="version", version=f"laplace-hub {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for command in COMMANDS:
+        command.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.run(args))
+    except LaplaceHubError as e:
+        return _fail(f"error: {e}", e)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        return _fail(f"internal error: {type(e).__name__}: {e} (set LAPLACE_HUB_DEBUG=1 for a traceback)", e)
+
+
+def _fail(line: str, error: BaseException) -> int:
+    if os.environ.get("LAPLACE_HUB_DEBUG"):
+        raise error
+    print(" ".join(line.split()), file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

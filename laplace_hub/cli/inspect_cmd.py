@@ -1,0 +1,78 @@
+"""``laplace-hub inspect``: a readable summary of an artifact."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from laplace_hub.artifact import Artifact
+from laplace_hub.cli._common import add_command, human_bytes, print_json
+
+
+def register(sub: Any) -> None:
+    """Add the command to the CLI."""
+    parser = add_command(
+        sub,
+        "inspect",
+        "Summarise an artifact: modules, structures, shapes, sizes, datasets, provenance.",
+        "  laplace-hub inspect ./my-artifact\n  laplace-hub inspect ./my-artifact --json | jq .total_bytes",
+    )
+    parser.add_argument("path", help="the artifact folder")
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    parser.set_defaults(run=run)
+
+
+def summarize(artifact: Artifact) -> dict[str, Any]:
+    """The facts ``inspect`` shows, as JSON data."""
+    m = artifact.manifest
+    return {
+        "spec_version": m.spec_version,
+        "base_model": m.base_model.model_dump(mode="json"),
+        "parameterization": m.parameterization.model_dump(mode="json"),
+        "estimator": m.estimator.model_dump(mode="json"),
+        "normalization": m.normalization,
+        "kfac_approx": m.kfac_approx,
+        "dtype": m.dtype,
+        "datasets_combined": m.datasets_combined,
+        "datasets": [d.model_dump(mode="json") for d in m.datasets],
+        "modules": {
+            name: {
+                "shape": module.shape,
+                "structures": sorted({f"{b.param}:{b.structure}" for b in module.blocks}),
+                "bytes": artifact.nbytes(name),
+            }
+            for name, module in m.modules.items()
+        },
+        "total_bytes": artifact.nbytes(),
+        "files": {name: entry.size for name, entry in m.files.items()},
+        "software": m.software,
+        "license": m.license,
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print the summary."""
+    summary = summarize(Artifact.open(args.path))
+    if args.json:
+        print_json(summary)
+        return 0
+    est = summary["estimator"]
+    print(f"artifact    {args.path} (spec {summary['spec_version']}, {summary['dtype']})")
+    print(f"base model  {summary['base_model']['repo_id']} @ {summary['base_model']['revision'] or 'unpinned'}")
+    print(
+        f"param.      {summary['parameterization']['kind']}   estimator {est['kind']}"
+        f"{'×' + str(est['mc_samples']) if est.get('mc_samples') else ''}   "
+        f"normalisation {summary['normalization']}   K-FAC {summary['kfac_approx'] or '-'}"
+    )
+    print(f"datasets    ({summary['datasets_combined']})")
+    for d in summary["datasets"]:
+        counts = f"{d['sequences']:>8} seq {d['tokens']:>10} tok {d['batches']:>6} batches"
+        print(f"  {d['name']:<20} {counts}  w={d['weight']}")
+    width = max(len(n) for n in summary["modules"])
+    print(f"modules     {len(summary['modules'])}")
+    for name, info in summary["modules"].items():
+        shape = "x".join(map(str, info["shape"]))
+        print(f"  {name:<{width}}  {shape:>11}  {','.join(info['structures']):<24} {human_bytes(info['bytes']):>10}")
+    print(f"total       {human_bytes(summary['total_bytes'])} in {len(summary['files'])} file(s)")
+    print("software    " + ", ".join(f"{k} {v}" for k, v in summary["software"].items()))
+    return 0

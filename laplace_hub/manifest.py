@@ -1,0 +1,376 @@
+"""The manifest (``laplace.json``): pydantic models that are the single source of truth of the spec.
+
+The JSON Schema in ``spec/`` is generated from these models (:func:`manifest_json_schema`), and
+:func:`expected_tensors` is the one place that knows which tensor a manifest implies, with which
+shape: the writer, the reader and the validator all ask it.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, StringConstraints
+from pydantic import ValidationError as _PydanticValidationError
+
+from laplace_hub.errors import ManifestError, UnsupportedVersionError
+
+FORMAT_NAME = "laplace-hub"
+SPEC_VERSION = "1.0"
+MANIFEST_NAME = "laplace.json"
+SINGLE_FILE_NAME = "laplace.safetensors"
+INDEX_NAME = "laplace.safetensors.index.json"
+CARD_NAME = "README.md"
+# One metadata key: safetensors writes its metadata map in random order, and files must be reproducible.
+TENSOR_FILE_METADATA = {"format": f"{FORMAT_NAME}/{SPEC_VERSION}"}
+
+DType = Literal["float32", "float16", "bfloat16", "float64"]
+TensorKey = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.\-/]{0,511}$")]
+DatasetName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_\-]{0,63}$")]
+Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+Param = Literal["weight", "lora_A", "lora_B", "lora_AB"]
+
+
+class _Model(BaseModel):
+    # Unknown fields are kept (a newer minor may add them); `unknown_fields` finds them so
+    # that writers can refuse them and readers can warn.
+    model_config = ConfigDict(extra="allow", frozen=True, strict=True)
+
+
+class FactorRef(_Model):
+    """A dense square factor, stored full (``n × n``) or packed (upper triangle, row-major)."""
+
+    key: TensorKey
+    packed: bool = False
+
+
+class EigenFactorRef(_Model):
+    """A factor kept as its top ``rank`` eigenpairs plus the mean ``tail`` of the others."""
+
+    eigenvalues: TensorKey
+    eigenvectors: TensorKey
+    rank: PositiveInt
+    tail: float = Field(ge=0.0, allow_inf_nan=False)
+
+
+class _BlockBase(_Model):
+    param: Param
+    dataset: DatasetName | None = None
+
+
+class DiagBlockEntry(_BlockBase):
+    """Diagonal precision: one value per parameter entry."""
+
+    structure: Literal["diag"]
+    diagonal: TensorKey
+
+
+class KronBlockEntry(_BlockBase):
+    """Kronecker precision ``Σg ⊗ Σx`` over the row-major vec of the parameter."""
+
+    structure: Literal["kron"]
+    input: FactorRef
+    output: FactorRef
+
+
+class KronEigBlockEntry(_BlockBase):
+    """Kronecker precision whose factors are eigen-truncated."""
+
+    structure: Literal["kron_eig"]
+    input: EigenFactorRef
+    output: EigenFactorRef
+
+
+class KronTridiagBlockEntry(_BlockBase):
+    """LoRA A/B pair with Kronecker diagonal blocks and a Kronecker cross block (B-Tri-K-FAC)."""
+
+    structure: Literal["kron_tridiag"]
+    a_input: FactorRef
+    a_output: FactorRef
+    b_input: FactorRef
+    b_output: FactorRef
+    cross_input: TensorKey
+    cross_output: TensorKey
+
+
+BlockEntry = Annotated[
+    DiagBlockEntry | KronBlockEntry | KronEigBlockEntry | KronTridiagBlockEntry,
+    Field(discriminator="structure"),
+]
+
+
+class LoraInitRef(_Model):
+    """Keys of the LoRA init tensors ``A₀: r × d_in`` and ``B₀: d_out × r``."""
+
+    lora_A: TensorKey
+    lora_B: TensorKey
+
+
+class ModuleEntry(_Model):
+    """One linear module of the base model: ``W`` has shape ``[d_out, d_in]``."""
+
+    shape: list[PositiveInt] = Field(min_length=2, max_length=2)
+    blocks: list[BlockEntry] = Field(min_length=1, max_length=1024)
+    lora_init: LoraInitRef | None = None
+
+
+class WeightParameterization(_Model):
+    """Curvature over the base weights ``W`` of each module; fits any LoRA rank."""
+
+    kind: Literal["weight"]
+
+
+class LoraParameterization(_Model):
+    """Curvature over LoRA factors at one stored init (the paper's form)."""
+
+    kind: Literal["lora"]
+    rank: PositiveInt
+    alpha: float = Field(gt=0, allow_inf_nan=False)
+    use_rslora: bool = False
+    init_method: str = Field(min_length=1, max_length=64)
+    init_seed: int | None = None
+    init_dtype: DType = "float32"
+
+
+Parameterization = Annotated[WeightParameterization | LoraParameterization, Field(discriminator="kind")]
+
+
+class Estimator(_Model):
+    """How per-example gradients were formed (labels from data, from the model, or batched)."""
+
+    kind: Literal["empirical", "mc", "batch_empirical"]
+    mc_samples: PositiveInt | None = None
+    seed: int | None = None
+
+
+class DatasetInfo(_Model):
+    """A named source dataset and how much of it the curvature saw."""
+
+    name: DatasetName
+    sequences: PositiveInt
+    tokens: PositiveInt
+    batches: PositiveInt
+    weight: float = Field(default=1.0, ge=0, allow_inf_nan=False)
+    source: str | None = Field(default=None, max_length=1024)
+    description: str | None = Field(default=None, max_length=4096)
+
+
+class Fingerprint(_Model):
+    """sha256 over the covered base weights, computed as SPEC.md §7 says."""
+
+    algorithm: Literal["sha256-f32-v1"]
+    value: Sha256
+
+
+class BaseModelInfo(_Model):
+    """Identity of the base model the curvature was computed at."""
+
+    repo_id: str = Field(min_length=1, max_length=256)
+    revision: str | None = Field(default=None, max_length=256)
+    fingerprint: Fingerprint | None = None
+
+
+class FileEntry(_Model):
+    """Size and sha256 of one file of the artifact."""
+
+    size: NonNegativeInt
+    sha256: Sha256
+
+
+class Manifest(_Model):
+    """The whole ``laplace.json``."""
+
+    format: Literal["laplace-hub"]
+    spec_version: Annotated[str, StringConstraints(pattern=r"^[0-9]{1,4}\.[0-9]{1,4}$")]
+    base_model: BaseModelInfo
+    parameterization: Parameterization
+    estimator: Estimator
+    loss: Literal["cross_entropy"]
+    normalization: Literal["per_sequence", "per_token"]
+    kfac_approx: Literal["expand", "reduce"] | None = None
+    datasets: list[DatasetInfo] = Field(min_length=1, max_length=256)
+    datasets_combined: Literal["separate", "summed"]
+    dtype: DType
+    modules: dict[str, ModuleEntry] = Field(min_length=1, max_length=100_000)
+    files: dict[str, FileEntry] = Field(max_length=100_000)
+    software: dict[str, str] = Field(default_factory=dict)
+    license: str | None = Field(default=None, max_length=128)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """What a manifest implies about one stored tensor."""
+
+    shape: tuple[int, ...]
+    dtype: str
+    role: Literal["diagonal", "factor", "eigenvalues", "eigenvectors", "cross", "init"]
+    where: str
+
+
+def parse_version(version: str) -> tuple[int, int]:
+    """Split ``MAJOR.MINOR`` into integers; raises :class:`ManifestError` when malformed."""
+    match = re.fullmatch(r"([0-9]{1,4})\.([0-9]{1,4})", version)
+    if match is None:
+        raise ManifestError(f"spec_version {version!r} is not MAJOR.MINOR", location="spec_version")
+    return int(match[1]), int(match[2])
+
+
+def check_version(raw: dict[str, Any]) -> tuple[int, int]:
+    """Refuse another format or major version before the rest of the manifest is parsed."""
+    if raw.get("format") != FORMAT_NAME:
+        raise ManifestError(f"format is {raw.get('format')!r}, expected {FORMAT_NAME!r}", location="format")
+    version = raw.get("spec_version")
+    if not isinstance(version, str):
+        raise ManifestError("spec_version is missing or not a string", location="spec_version")
+    found = parse_version(version)
+    if found[0] != parse_version(SPEC_VERSION)[0]:
+        raise UnsupportedVersionError(version, f"{parse_version(SPEC_VERSION)[0]}.x", location="spec_version")
+    return found
+
+
+def unknown_fields(model: BaseModel, path: str = "") -> Iterator[str]:
+    """Yield the dotted paths of fields no model of this spec version declares."""
+    for name in model.model_extra or {}:
+        yield f"{path}{name}"
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        children = (
+            value.items()
+            if isinstance(value, dict)
+            else enumerate(value)
+            if isinstance(value, list)
+            else [(None, value)]
+        )
+        for index, child in children:
+            if isinstance(child, BaseModel):
+                suffix = f"{name}" if index is None else f"{name}.{index}"
+                yield from unknown_fields(child, f"{path}{suffix}.")
+
+
+def parse_manifest(raw: dict[str, Any]) -> Manifest:
+    """Parse a manifest dict as a reader: any minor of our major, unknown fields kept with a warning.
+
+    Raises:
+        UnsupportedVersionError: another major version.
+        ManifestError: anything else that does not match the models.
+
+    """
+    found = check_version(raw)
+    try:
+        manifest = Manifest.model_validate(raw)
+    except _PydanticValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise ManifestError(f"{first['msg']} ({e.error_count()} problem(s) in all)", location=where) from e
+    extra = list(unknown_fields(manifest))
+    if extra:
+        if found <= parse_version(SPEC_VERSION):
+            raise ManifestError(
+                f"unknown field(s) {', '.join(extra)} in a spec {manifest.spec_version} manifest",
+                location=extra[0],
+            )
+        warnings.warn(
+            f"manifest of spec {manifest.spec_version} has fields this reader "
+            f"({SPEC_VERSION}) does not know; kept as-is: {', '.join(extra)}",
+            stacklevel=2,
+        )
+    return manifest
+
+
+def _param_dims(param: Param, shape: list[int], rank: int | None) -> tuple[int, int]:
+    """(d_out, d_in) of the matrix a block covers."""
+    d_out, d_in = shape
+    if param == "weight":
+        return d_out, d_in
+    if rank is None:
+        raise ManifestError(f"param {param!r} needs the lora parameterization")
+    return (rank, d_in) if param == "lora_A" else (d_out, rank)
+
+
+def _factor_shape(ref: FactorRef, n: int) -> tuple[int, ...]:
+    return (n * (n + 1) // 2,) if ref.packed else (n, n)
+
+
+def _block_tensors(
+    block: BlockEntry, shape: list[int], rank: int | None, dtype: str, where: str
+) -> Iterator[tuple[str, TensorSpec]]:
+    def spec(shape: tuple[int, ...], role: Any) -> TensorSpec:
+        return TensorSpec(shape, dtype, role, where)
+
+    if isinstance(block, KronTridiagBlockEntry):
+        if rank is None:
+            raise ManifestError("kron_tridiag needs the lora parameterization", location=where)
+        d_out, d_in = shape
+        yield block.a_input.key, spec(_factor_shape(block.a_input, d_in), "factor")
+        yield block.a_output.key, spec(_factor_shape(block.a_output, rank), "factor")
+        yield block.b_input.key, spec(_factor_shape(block.b_input, rank), "factor")
+        yield block.b_output.key, spec(_factor_shape(block.b_output, d_out), "factor")
+        yield block.cross_input, spec((d_in, rank), "cross")
+        yield block.cross_output, spec((rank, d_out), "cross")
+        return
+    if block.param == "lora_AB":
+        raise ManifestError("param 'lora_AB' needs structure kron_tridiag", location=where)
+    d_out, d_in = _param_dims(block.param, shape, rank)
+    if isinstance(block, DiagBlockEntry):
+        yield block.diagonal, spec((d_out, d_in), "diagonal")
+    elif isinstance(block, KronBlockEntry):
+        yield block.input.key, spec(_factor_shape(block.input, d_in), "factor")
+        yield block.output.key, spec(_factor_shape(block.output, d_out), "factor")
+    else:
+        for ref, n in ((block.input, d_in), (block.output, d_out)):
+            if ref.rank > n:
+                raise ManifestError(f"eigen rank {ref.rank} exceeds dimension {n}", location=where)
+            yield ref.eigenvalues, spec((ref.rank,), "eigenvalues")
+            yield ref.eigenvectors, spec((n, ref.rank), "eigenvectors")
+
+
+def expected_tensors(manifest: Manifest) -> dict[str, TensorSpec]:
+    """Every tensor key the manifest references, with the shape, dtype and role it implies.
+
+    Raises:
+        ManifestError: a key is referenced twice with different shapes or roles, or a block
+            does not fit the parameterization.
+
+    """
+    lora = manifest.parameterization
+    rank = lora.rank if isinstance(lora, LoraParameterization) else None
+    found: dict[str, TensorSpec] = {}
+
+    def add(key: str, spec: TensorSpec) -> None:
+        if key in found and (found[key].shape, found[key].role) != (spec.shape, spec.role):
+            raise ManifestError(
+                f"tensor {key!r} is shared with {found[key].where} but implies shape "
+                f"{list(spec.shape)} there vs {list(found[key].shape)}",
+                location=spec.where,
+            )
+        found.setdefault(key, spec)
+
+    for name, module in manifest.modules.items():
+        for index, block in enumerate(module.blocks):
+            where = f"modules.{name}.blocks.{index}"
+            for key, spec in _block_tensors(block, module.shape, rank, manifest.dtype, where):
+                add(key, spec)
+        if module.lora_init is not None and isinstance(lora, LoraParameterization):
+            d_out, d_in = module.shape
+            where = f"modules.{name}.lora_init"
+            add(module.lora_init.lora_A, TensorSpec((lora.rank, d_in), lora.init_dtype, "init", where))
+            add(module.lora_init.lora_B, TensorSpec((d_out, lora.rank), lora.init_dtype, "init", where))
+    return found
+
+
+def manifest_json_schema() -> dict[str, Any]:
+    """The JSON Schema of spec ``SPEC_VERSION`` manifests, strict about unknown fields.
+
+    Readers of a newer minor tolerate unknown fields; the schema describes this version exactly.
+    """
+    schema = Manifest.model_json_schema(mode="validation")
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["$id"] = f"https://laplace-hub.dev/spec/{SPEC_VERSION}/manifest.schema.json"
+    schema["title"] = f"laplace-hub manifest, spec {SPEC_VERSION}"
+    for definition in [schema, *schema.get("$defs", {}).values()]:
+        if definition.get("type") == "object" and "properties" in definition:
+            definition["additionalProperties"] = False
+    return schema

@@ -1,0 +1,121 @@
+"""Checks of the manifest alone: parsing, version, and the rules the models cannot express."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from pydantic import ValidationError
+
+from laplace_hub.errors import LaplaceHubError
+from laplace_hub.manifest import (
+    SPEC_VERSION,
+    KronTridiagBlockEntry,
+    LoraParameterization,
+    Manifest,
+    ModuleEntry,
+    check_version,
+    parse_version,
+    unknown_fields,
+)
+from laplace_hub.validate.findings import Report
+
+
+def parse_into(report: Report, raw: Any) -> Manifest | None:
+    """Parse ``raw`` as a manifest, recording every problem; ``None`` when it cannot be used."""
+    if not isinstance(raw, dict):
+        report.add("manifest.json_invalid", "laplace.json", "the manifest must be a JSON object")
+        return None
+    version = raw.get("spec_version")
+    report.manifest_version = version if isinstance(version, str) else None
+    try:
+        found = check_version(raw)
+    except LaplaceHubError as e:
+        report.add_error(e, "laplace.json")
+        return None
+    try:
+        manifest = Manifest.model_validate(raw)
+    except ValidationError as e:
+        for error in e.errors():
+            where = ".".join(str(part) for part in error["loc"]) or "laplace.json"
+            report.add("manifest.schema", where, error["msg"])
+        return None
+    newer = found > parse_version(SPEC_VERSION)
+    for path in unknown_fields(manifest):
+        if newer:
+            report.add("manifest.unknown_field", path, f"not in spec {SPEC_VERSION}; kept", "warning")
+        else:
+            report.add("manifest.unknown_field", path, f"not a field of spec {manifest.spec_version}; remove it")
+    return manifest
+
+
+def check_semantics(report: Report, manifest: Manifest) -> None:
+    """Cross-field rules of SPEC.md §4–§6."""
+    _check_estimator(report, manifest)
+    _check_datasets(report, manifest)
+    for name, module in manifest.modules.items():
+        _check_module(report, manifest, name, module)
+
+
+def _check_estimator(report: Report, m: Manifest) -> None:
+    est = m.estimator
+    if (est.kind == "mc") != (est.mc_samples is not None):
+        report.add("manifest.estimator", "estimator.mc_samples", "mc_samples is required for mc and only for mc")
+    kron = any(b.structure != "diag" for module in m.modules.values() for b in module.blocks)
+    if kron and m.kfac_approx is None:
+        report.add("manifest.kfac_approx", "kfac_approx", "Kronecker blocks need kfac_approx (expand or reduce)")
+    if m.kfac_approx == "reduce" and m.normalization == "per_token":
+        report.add("manifest.kfac_approx", "kfac_approx", "reduce aggregates over a sequence; per_token needs expand")
+
+
+def _check_datasets(report: Report, m: Manifest) -> None:
+    for name, count in Counter(d.name for d in m.datasets).items():
+        if count > 1:
+            report.add("manifest.datasets", "datasets", f"dataset name {name!r} appears {count} times")
+    for i, d in enumerate(m.datasets):
+        where = f"datasets.{i}"
+        if d.tokens < d.sequences:
+            report.add("counts.inconsistent", where, f"{d.tokens} tokens < {d.sequences} sequences")
+        if d.batches > d.sequences:
+            report.add("counts.inconsistent", where, f"{d.batches} batches > {d.sequences} sequences")
+    if m.datasets_combined == "summed" and len(m.datasets) > 1 and any(d.weight != 1.0 for d in m.datasets):
+        report.add("manifest.datasets", "datasets", "weights apply to separate datasets, not summed ones")
+
+
+def _check_module(report: Report, m: Manifest, name: str, module: ModuleEntry) -> None:
+    where = f"modules.{name}"
+    lora = isinstance(m.parameterization, LoraParameterization)
+    names = {d.name for d in m.datasets}
+    covered: dict[str | None, set[str]] = {}
+    for i, block in enumerate(module.blocks):
+        at = f"{where}.blocks.{i}"
+        if m.datasets_combined == "summed" and block.dataset is not None:
+            report.add("manifest.datasets", at, "datasets are summed, so blocks must not name one")
+        if m.datasets_combined == "separate" and block.dataset not in names:
+            report.add("manifest.datasets", at, f"dataset {block.dataset!r} is not one of {sorted(names)}")
+        if (block.param == "weight") == lora:
+            report.add(
+                "manifest.param", at, f"param {block.param!r} does not fit parameterization {m.parameterization.kind!r}"
+            )
+        if isinstance(block, KronTridiagBlockEntry) != (block.param == "lora_AB"):
+            report.add("manifest.param", at, "kron_tridiag covers param lora_AB, and only it does")
+        params = covered.setdefault(block.dataset, set())
+        if block.param in params:
+            report.add("manifest.param", at, f"param {block.param!r} is covered twice for this dataset")
+        params.add(block.param)
+    wanted = {"weight"} if not lora else None
+    for dataset, params in covered.items():
+        ok = params == wanted if wanted else params in ({"lora_A", "lora_B"}, {"lora_AB"})
+        if not ok:
+            report.add(
+                "manifest.param",
+                where,
+                f"dataset {dataset or 'all'} covers {sorted(params)}; "
+                f"expected {sorted(wanted) if wanted else 'lora_A+lora_B or lora_AB'}",
+            )
+    if m.datasets_combined == "separate" and set(covered) != names:
+        report.add("manifest.datasets", where, f"covers datasets {sorted(map(str, covered))}, expected {sorted(names)}")
+    if lora and module.lora_init is None:
+        report.add("lora.init_missing", where, "lora parameterization needs lora_init tensors for every module")
+    if not lora and module.lora_init is not None:
+        report.add("manifest.param", where, "lora_init is only allowed with the lora parameterization")

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Create (or refresh) a virtual environment and install laplace-hub with the given extras.
+# torch is pinned to the CPU build so that nothing pulls a multi-GB CUDA wheel; curvlinops is
+# installed without its dependencies because they drag torchvision (and a CUDA torch) in.
+# usage: scripts/setup_env.sh VENV_DIR EXTRAS
+set -euo pipefail
+venv=${1:?venv dir}; extras=${2:?extras}
+python3 -m venv "$venv"
+"$venv/bin/python" -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
+"$venv/bin/python" -m pip install -q "torch==2.13.0" 2>&1 | grep -v "^WARNING: Location" || true
+"$venv/bin/python" -m pip install -q -e ".[$extras]" 2>&1 | grep -v "^WARNING: Location" || true
+"$venv/bin/python" -m pip install -q --no-deps "curvlinops-for-pytorch==3.0.1" 2>&1 | grep -v "^WARNING: Location" || true
+"$venv/bin/python" -c "import torch, laplace_hub; assert torch.__version__.startswith('2.13.0'), torch.__version__"
