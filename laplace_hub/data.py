@@ -1,0 +1,124 @@
+"""Source and target text: named datasets from files, tokenized into padded, labelled batches."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from laplace_hub.errors import DataError
+
+Batch = dict[str, Tensor]
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A named dataset: ``name=path`` on the command line (the name defaults to the file stem)."""
+
+    name: str
+    path: Path
+
+    @classmethod
+    def parse(cls, text: str) -> DatasetSpec:
+        """Parse ``name=path`` or ``path``."""
+        name, _, path = text.rpartition("=")
+        path_obj = Path(path)
+        return cls(name or path_obj.stem.replace(".", "_"), path_obj)
+
+
+def read_texts(path: Path, *, text_field: str = "text", tokenizer: Any = None) -> list[str]:
+    """Documents of a ``.txt`` (blank-line separated), ``.jsonl`` (``text_field``, or chat
+    ``messages`` rendered with the tokenizer's chat template) or ``.parquet`` file, or a folder
+    saved with ``datasets.Dataset.save_to_disk``.
+    """
+    if not path.exists():
+        raise DataError(f"no such file or folder: {path}")
+    if path.is_dir():
+        try:
+            from datasets import load_from_disk
+        except ImportError as e:
+            raise DataError(f"{path} is a folder; reading a saved dataset needs `pip install datasets`") from e
+        return [_render(row, text_field, tokenizer, path) for row in load_from_disk(str(path))]
+    if path.suffix == ".txt":
+        return [doc.strip() for doc in path.read_text(encoding="utf-8").split("\n\n") if doc.strip()]
+    if path.suffix == ".jsonl":
+        rows = []
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{number}: not JSON ({e.msg})") from e
+        return [_render(row, text_field, tokenizer, path) for row in rows]
+    if path.suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError as e:
+            raise DataError(f"{path}: reading parquet needs `pip install pyarrow`") from e
+        return [_render(row, text_field, tokenizer, path) for row in pq.read_table(path).to_pylist()]
+    raise DataError(f"{path}: unsupported file type {path.suffix!r} (use .txt, .jsonl, .parquet or a dataset folder)")
+
+
+def _render(row: Any, text_field: str, tokenizer: Any, path: Path) -> str:
+    if isinstance(row, dict) and isinstance(row.get(text_field), str):
+        return row[text_field]
+    if isinstance(row, dict) and isinstance(row.get("messages"), list) and tokenizer is not None:
+        return str(tokenizer.apply_chat_template(row["messages"], tokenize=False))
+    raise DataError(f"{path}: a record has neither a {text_field!r} string nor chat 'messages'")
+
+
+def make_batches(
+    texts: Sequence[str],
+    tokenizer: Any,
+    *,
+    max_length: int,
+    batch_size: int,
+    num_batches: int | None = None,
+    seed: int = 0,
+) -> list[Batch]:
+    """Shuffle, tokenize (truncating to ``max_length``), and pad into labelled batches.
+
+    Labels are the input ids with -100 at padding, so padding never counts as data.
+    """
+    order = list(range(len(texts)))
+    random.Random(seed).shuffle(order)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    sequences: list[list[int]] = []
+    wanted = None if num_batches is None else num_batches * batch_size
+    for i in order:
+        ids = tokenizer(texts[i], truncation=True, max_length=max_length)["input_ids"]
+        if len(ids) >= 2:
+            sequences.append(ids)
+        if wanted is not None and len(sequences) == wanted:
+            break
+    if not sequences:
+        raise DataError("no text with at least two tokens")
+    return [pad_batch(sequences[i : i + batch_size], pad) for i in range(0, len(sequences), batch_size)]
+
+
+def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int, prompt_lengths: Sequence[int] | None = None) -> Batch:
+    """Right-pad token lists; labels are -100 on padding and on the first ``prompt_lengths`` tokens."""
+    length = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(sequences), length), dtype=torch.long)
+    labels = torch.full((len(sequences), length), -100, dtype=torch.long)
+    for row, ids in enumerate(sequences):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        attention[row, : len(ids)] = 1
+        labels[row, : len(ids)] = torch.tensor(ids)
+        if prompt_lengths is not None:
+            labels[row, : prompt_lengths[row]] = -100
+    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+
+
+def pydoc_texts() -> list[str]:
+    """Real English text without downloads: the Python reference topics shipped with the stdlib."""
+    from pydoc_data.topics import topics
+
+    return [topics[key].strip() for key in sorted(topics) if topics[key].strip()]

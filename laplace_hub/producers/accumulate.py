@@ -1,0 +1,129 @@
+"""Hooks on ``nn.Linear`` that accumulate diagonal or Kronecker curvature sums.
+
+One backward of the summed log-likelihood of a batch gives, at every target module, the input
+``x`` (B, T, d_in) and the output gradient ``g`` (B, T, d_out) of each sequence's own
+log-likelihood (sequences do not interact). Everything SPEC.md §6 defines follows from these two
+tensors without a Python loop over examples; per-sequence gradients ``gᵀ x`` are formed in chunks
+so that memory is bounded by the chunk, not by the data seen.
+
+A LoRA factor is itself a linear map, so its diagonal uses the same formulas on transformed pairs:
+``A`` sees ``(x, s·g B₀)`` and ``B`` sees ``(x A₀ᵀ, s·g)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+Structure = Literal["diag", "kron"]
+Normalization = Literal["per_sequence", "per_token"]
+KfacApprox = Literal["expand", "reduce"]
+CHUNK = 4
+
+
+@dataclass(frozen=True)
+class LoraInit:
+    """The LoRA init of one module, ``ΔW = scaling · B A``."""
+
+    a: Tensor
+    b: Tensor
+    scaling: float
+
+
+@dataclass
+class CurvatureAccumulator:
+    """Running sums per module; divided by the counts only when blocks are made.
+
+    Before each forward, set :attr:`mask` (B, T): 1 where the position predicts a labelled token.
+    Then run forward and backward of the summed log-likelihood with the hooks attached.
+    """
+
+    modules: dict[str, nn.Linear]
+    structure: Structure
+    normalization: Normalization
+    kfac_approx: KfacApprox = "expand"
+    batch_gradient: bool = False
+    lora: dict[str, LoraInit] = field(default_factory=dict)
+    dtype: torch.dtype = torch.float32
+    mask: Tensor | None = None
+    collect_inputs: bool = True
+    sums: dict[tuple[str, str], Tensor] = field(default_factory=dict)
+    input_owner: dict[str, str] = field(default_factory=dict)
+    _handles: list[torch.utils.hooks.RemovableHandle] = field(default_factory=list)
+    _seen_inputs: dict[int, str] = field(default_factory=dict)
+
+    def attach(self) -> None:
+        """Register the forward hooks (they hook the outputs' gradients)."""
+        for name, module in self.modules.items():
+            self._handles.append(module.register_forward_hook(self._hook(name)))
+
+    def detach(self) -> None:
+        """Remove the hooks."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _hook(self, name: str):  # type: ignore[no-untyped-def]
+        def forward_hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+            x = inputs[0].detach()
+            # Modules that read the same tensor (q/k/v) share one input covariance.
+            self.input_owner.setdefault(name, self._seen_inputs.setdefault(id(inputs[0]), name))
+            if output.requires_grad:
+                output.register_hook(lambda g: self._add(name, x, g.detach()))
+
+        return forward_hook
+
+    def new_batch(self, mask: Tensor) -> None:
+        """Set the label mask of the next forward."""
+        self.mask = mask
+        self._seen_inputs.clear()
+
+    def _add(self, name: str, x: Tensor, g: Tensor) -> None:
+        assert self.mask is not None, "call new_batch(mask) before the forward pass"
+        mask = self.mask.to(x.device, self.dtype).unsqueeze(-1)
+        x, g = x.to(self.dtype) * mask, g.to(self.dtype) * mask
+        if self.structure == "kron" and not self.batch_gradient:
+            self._accumulate((name, "output"), self._output_cov(g))
+            if self.collect_inputs and self.input_owner[name] == name:
+                self._accumulate((name, "input"), self._input_cov(x))
+            return
+        for param, (xp, gp) in self._param_pairs(name, x, g).items():
+            if self.batch_gradient:
+                self._accumulate((name, param), torch.einsum("bto,bti->oi", gp, xp).square())
+            else:
+                self._accumulate((name, param), self._diagonal(xp, gp))
+
+    def _param_pairs(self, name: str, x: Tensor, g: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
+        init = self.lora.get(name)
+        if init is None:
+            return {"weight": (x, g)}
+        a, b = init.a.to(self.dtype), init.b.to(self.dtype)
+        return {"lora_A": (x, init.scaling * g @ b), "lora_B": (x @ a.T, init.scaling * g)}
+
+    def _accumulate(self, key: tuple[str, str], value: Tensor) -> None:
+        self.sums[key] = self.sums[key] + value if key in self.sums else value
+
+    def _diagonal(self, x: Tensor, g: Tensor) -> Tensor:
+        if self.normalization == "per_token":
+            return torch.einsum("bto,bti->oi", g.square(), x.square())
+        total = x.new_zeros(g.shape[-1], x.shape[-1])
+        for start in range(0, x.shape[0], CHUNK):
+            per_sequence = torch.einsum("bto,bti->boi", g[start : start + CHUNK], x[start : start + CHUNK])
+            total += per_sequence.square().sum(0)
+        return total
+
+    def _output_cov(self, g: Tensor) -> Tensor:
+        flat = g.sum(1) if self.kfac_approx == "reduce" else g.reshape(-1, g.shape[-1])
+        return flat.T @ flat
+
+    def _input_cov(self, x: Tensor) -> Tensor:
+        assert self.mask is not None
+        if self.kfac_approx == "reduce":
+            lengths = self.mask.to(x.device, self.dtype).sum(1, keepdim=True).clamp_min(1)
+            flat = x.sum(1) / lengths
+        else:
+            flat = x.reshape(-1, x.shape[-1])
+        return flat.T @ flat

@@ -1,0 +1,38 @@
+"""Splitting batches across ``torch.distributed`` ranks and summing what they accumulated."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+C = TypeVar("C")
+
+
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the world size (0, 1 without ``torch.distributed``)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_reduce_sums(sums: dict[tuple[str, str], Tensor], counts: Mapping[str, C]) -> Mapping[str, C]:
+    """Sum tensors (in place) and integer counts over ranks; a no-op in a single process.
+
+    Every rank must hold the same keys, so every rank must see at least one batch of every
+    dataset (the producer checks this before it starts).
+    """
+    if rank_and_world()[1] == 1:
+        return counts
+    for key in sorted(sums):
+        dist.all_reduce(sums[key], op=dist.ReduceOp.SUM)
+    fields = ("sequences", "tokens", "batches")
+    flat = torch.tensor([[getattr(c, f) for f in fields] for c in counts.values()], dtype=torch.int64)
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    reduced: dict[str, Any] = {}
+    for row, (name, c) in zip(flat.tolist(), counts.items(), strict=True):
+        reduced[name] = type(c)(*row)
+    return reduced
