@@ -33,9 +33,10 @@ class DatasetSpec:
 
 
 def read_texts(path: Path, *, text_field: str = "text", tokenizer: Any = None) -> list[str]:
-    """Documents of a ``.txt`` (blank-line separated), ``.jsonl`` (``text_field``, or chat
-    ``messages`` rendered with the tokenizer's chat template) or ``.parquet`` file, or a folder
-    saved with ``datasets.Dataset.save_to_disk``.
+    """Documents of a ``.txt``, ``.jsonl``, ``.parquet`` file or a saved ``datasets`` folder.
+
+    ``.txt`` documents are separated by blank lines; records carry ``text_field``, or chat
+    ``messages`` rendered with the tokenizer's chat template.
     """
     if not path.exists():
         raise DataError(f"no such file or folder: {path}")

@@ -13,7 +13,7 @@ C = TypeVar("C")
 
 
 def rank_and_world() -> tuple[int, int]:
-    """This process's rank and the world size (0, 1 without ``torch.distributed``)."""
+    """Rank of this process and the world size (0, 1 without ``torch.distributed``)."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1

@@ -62,7 +62,7 @@ def per_sequence_grads(model, batches, names, overrides=None):
     base = dict(model.named_parameters())
     for ids, labels in sequences(batches):
 
-        def f(p):
+        def f(p, ids=ids, labels=labels):
             return sequence_log_lik(model, {**base, **p}, ids, labels)
 
         params = overrides(base) if overrides else {f"{n}.weight": base[f"{n}.weight"] for n in names}
@@ -105,7 +105,7 @@ def test_diag_per_token_equals_brute_force(model, batches) -> None:
                 continue
             one = torch.full_like(labels, -100)
             one[t] = labels[t]
-            g = grad(lambda w, one=one: sequence_log_lik(model, {**base, f"{name}.weight": w}, ids, one))(
+            g = grad(lambda w, one=one, ids=ids: sequence_log_lik(model, {**base, f"{name}.weight": w}, ids, one))(
                 base[f"{name}.weight"]
             )
             squares.append(g.square())
