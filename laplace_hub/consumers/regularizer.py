@@ -1,0 +1,235 @@
+"""The LaLoRA penalty ``λ/2 · Σ_modules vec(Δ)ᵀ P vec(Δ)`` for a PEFT LoRA model, from an artifact."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from laplace_hub.artifact import Artifact
+from laplace_hub.curvature import Block, EigenFactor, KronBlock, LoraPairBlock, WeightBlock
+from laplace_hub.errors import LaplaceHubError, ModelMismatchError
+from laplace_hub.fingerprint import fingerprint_weights
+from laplace_hub.manifest import LoraParameterization
+
+logger = logging.getLogger(__name__)
+Mode = Literal["weight", "lora_init"]
+
+
+@dataclass
+class AdaptedModule:
+    """One PEFT LoRA layer: its base name (as in the artifact) and its adapter's factors."""
+
+    name: str
+    layer: nn.Module
+    adapter: str
+
+    @property
+    def lora_a(self) -> Tensor:
+        return self.layer.lora_A[self.adapter].weight  # type: ignore[index,union-attr,no-any-return]
+
+    @property
+    def lora_b(self) -> Tensor:
+        return self.layer.lora_B[self.adapter].weight  # type: ignore[index,union-attr,no-any-return]
+
+    @property
+    def scaling(self) -> float:
+        return float(self.layer.scaling[self.adapter])  # type: ignore[index]
+
+    @property
+    def base_weight(self) -> Tensor:
+        return self.layer.base_layer.weight  # type: ignore[union-attr,no-any-return]
+
+
+def adapted_modules(model: nn.Module, adapter: str = "default") -> Iterator[AdaptedModule]:
+    """Every LoRA layer of ``adapter`` with the name its base module has in the base model."""
+    for name, module in model.named_modules():
+        if hasattr(module, "lora_A") and hasattr(module, "base_layer") and adapter in module.lora_A:
+            yield AdaptedModule(name.removeprefix("base_model.model."), module, adapter)
+
+
+def identity_block(d_out: int, d_in: int) -> KronBlock:
+    """``P = I``: the L2 baseline, as a Kronecker block of two identity factors (nothing stored)."""
+
+    def eye(n: int) -> EigenFactor:
+        return EigenFactor(torch.zeros(n, 0), torch.zeros(0), 1.0)
+
+    return KronBlock(eye(d_in), eye(d_out))
+
+
+class LaplaceRegularizer(nn.Module):
+    """``λ/2 · Σ vec(Δ)ᵀ P vec(Δ)`` over a PEFT model's LoRA layers; call it for the penalty.
+
+    * ``mode="weight"``: ``Δ = s·B A`` at every step, through the weight-space block (Kronecker
+      blocks never form ``Δ``).
+    * ``mode="lora_init"``: the paper's LaLoRA: ``Δ = (A − A₀, B − B₀)`` with the precision
+      projected once onto the LoRA factors at their init (or taken as stored from a
+      ``lora``-parameterised artifact, whose init the model must carry).
+
+    Build it with :meth:`from_artifact` or :meth:`identity`.
+    """
+
+    def __init__(self, modules: list[AdaptedModule], blocks: list[Block], strength: float, mode: Mode) -> None:
+        super().__init__()
+        self.strength = strength
+        self.mode = mode
+        self._modules_list = modules
+        self._blocks = blocks
+        self._anchors = [(m.lora_a.detach().float().clone(), m.lora_b.detach().float().clone()) for m in modules]
+
+    @classmethod
+    def from_artifact(
+        cls,
+        artifact: Artifact,
+        model: nn.Module,
+        *,
+        strength: float,
+        mode: Mode = "weight",
+        adapter: str = "default",
+        on_unmatched: Literal["warn", "error", "ignore"] = "warn",
+        check_fingerprint: bool = True,
+        cross: bool = False,
+    ) -> LaplaceRegularizer:
+        """Match the artifact's modules to the model's LoRA layers and load their blocks once.
+
+        Args:
+            artifact: The curvature artifact.
+            model: A PEFT model (or any model with PEFT LoRA layers).
+            strength: ``λ``; with ``per_sequence`` normalisation it reads as the number of source
+                sequences the prior is worth.
+            mode: ``weight`` (default) or ``lora_init``.
+            adapter: The PEFT adapter to regularise.
+            on_unmatched: What to do with modules adapted but not in the artifact, or the reverse.
+            check_fingerprint: Refuse a base model whose covered weights differ from the artifact's.
+            cross: In ``lora_init`` mode with a Kronecker weight artifact, keep the A–B cross block
+                (B-Tri-K-FAC).
+
+        Raises:
+            ModelMismatchError: shapes, fingerprint or LoRA init differ, or nothing matches.
+
+        """
+        lora = artifact.manifest.parameterization
+        if isinstance(lora, LoraParameterization) and mode != "lora_init":
+            raise LaplaceHubError("a lora-parameterised artifact is used with mode='lora_init'")
+        modules = [m for m in adapted_modules(model, adapter) if m.name in artifact.manifest.modules]
+        _report_unmatched(artifact, model, adapter, modules, on_unmatched)
+        for m in modules:
+            if list(m.base_weight.shape) != artifact.manifest.modules[m.name].shape:
+                raise ModelMismatchError(
+                    f"shape {list(m.base_weight.shape)} differs from the artifact's "
+                    f"{artifact.manifest.modules[m.name].shape}",
+                    location=m.name,
+                )
+        fingerprint = artifact.manifest.base_model.fingerprint
+        if check_fingerprint and fingerprint is not None:
+            covered = {m.name: m.base_weight for m in modules}
+            if len(covered) == len(artifact.manifest.modules) and fingerprint_weights(covered) != fingerprint:
+                raise ModelMismatchError(
+                    "the base weights differ from those the artifact was computed at (fingerprint "
+                    "mismatch); load the same base model and revision, or pass check_fingerprint=False",
+                    location=artifact.manifest.base_model.repo_id,
+                )
+        blocks: list[Block] = []
+        for m in modules:
+            block = artifact.block(m.name, dtype=torch.float32, device=m.lora_a.device)
+            if isinstance(lora, LoraParameterization):
+                _check_init(artifact, m)
+            elif mode == "lora_init":
+                assert isinstance(block, WeightBlock)
+                a0, b0 = m.lora_a.detach().float(), m.lora_b.detach().float()
+                block = block.project_lora(a0, b0, m.scaling, cross=cross)
+            blocks.append(block)
+        return cls(modules, blocks, strength, mode)
+
+    @classmethod
+    def identity(
+        cls, model: nn.Module, *, strength: float, mode: Mode = "weight", adapter: str = "default"
+    ) -> LaplaceRegularizer:
+        """The L2 baseline with the same interface: ``P = I`` on ``Δ`` (weight) or on the factors."""
+        modules = list(adapted_modules(model, adapter))
+        blocks = [_identity_pair(m) if mode == "lora_init" else identity_block(*m.base_weight.shape) for m in modules]
+        return cls(modules, blocks, strength, mode)
+
+    def forward(self) -> Tensor:
+        """The penalty, a float32 scalar differentiable in the LoRA factors."""
+        terms = []
+        for module, block, (a0, b0) in zip(self._modules_list, self._blocks, self._anchors, strict=True):
+            a, b = module.lora_a.float(), module.lora_b.float()
+            if self.mode == "weight":
+                terms.append(block.quad_lowrank(module.scaling * b, a))  # type: ignore[attr-defined]
+            else:
+                terms.append(block.quad(a - a0, b - b0))
+        if not terms:
+            return torch.zeros(())
+        return 0.5 * self.strength * torch.stack(terms).sum()
+
+    def extra_repr(self) -> str:
+        return f"strength={self.strength}, mode={self.mode!r}, modules={len(self._blocks)}"
+
+
+def _identity_pair(m: AdaptedModule) -> Block:
+    r, (d_out, d_in) = m.lora_a.shape[0], m.base_weight.shape
+    return LoraPairBlock(identity_block(r, d_in), identity_block(d_out, r))
+
+
+def _check_init(artifact: Artifact, m: AdaptedModule) -> None:
+    a0, b0 = artifact.lora_init(m.name)
+    if a0.shape != m.lora_a.shape or not (
+        torch.equal(a0.to(m.lora_a), m.lora_a.detach()) and torch.equal(b0.to(m.lora_b), m.lora_b.detach())
+    ):
+        raise ModelMismatchError(
+            "the model's LoRA init differs from the artifact's; call apply_lora_init(model, artifact) "
+            "right after get_peft_model",
+            location=m.name,
+        )
+
+
+def apply_lora_init(model: nn.Module, artifact: Artifact, adapter: str = "default") -> int:
+    """Copy a ``lora``-parameterised artifact's stored init into the model's LoRA factors.
+
+    Returns:
+        The number of modules initialised.
+
+    """
+    count = 0
+    with torch.no_grad():
+        for m in adapted_modules(model, adapter):
+            if m.name in artifact.manifest.modules:
+                a0, b0 = artifact.lora_init(m.name)
+                if a0.shape != m.lora_a.shape or b0.shape != m.lora_b.shape:
+                    raise ModelMismatchError(
+                        f"LoRA shapes {list(m.lora_a.shape)}/{list(m.lora_b.shape)} differ from the artifact's "
+                        f"{list(a0.shape)}/{list(b0.shape)} (rank?)",
+                        location=m.name,
+                    )
+                m.lora_a.copy_(a0)
+                m.lora_b.copy_(b0)
+                count += 1
+    return count
+
+
+def _report_unmatched(
+    artifact: Artifact, model: nn.Module, adapter: str, matched: list[AdaptedModule], policy: str
+) -> None:
+    adapted = {m.name for m in adapted_modules(model, adapter)}
+    if not adapted:
+        raise ModelMismatchError(f"the model has no LoRA layers for adapter {adapter!r}")
+    if not matched:
+        raise ModelMismatchError(
+            f"no adapted module is in the artifact (adapted: {sorted(adapted)[:3]}, artifact: "
+            f"{list(artifact.manifest.modules)[:3]})"
+        )
+    missing = sorted(adapted - set(artifact.manifest.modules))
+    unused = sorted(set(artifact.manifest.modules) - adapted)
+    message = (
+        f"{len(missing)} adapted module(s) have no curvature (unregularised), e.g. {missing[:2]}; "
+        f"{len(unused)} artifact module(s) are not adapted, e.g. {unused[:2]}"
+    )
+    if (missing or unused) and policy == "error":
+        raise ModelMismatchError(message)
+    if missing or unused:
+        (logger.warning if policy == "warn" else logger.debug)(message)

@@ -1,0 +1,70 @@
+"""The penalty inside the loss: for plain loops, transformers' Trainer and TRL's SFTTrainer.
+
+The penalty is added to the loss (never to gradients in a callback), so gradient accumulation and
+clipping behave as usual.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+
+from laplace_hub.consumers.regularizer import LaplaceRegularizer
+from laplace_hub.errors import MissingExtraError
+
+
+def regularized_loss(loss: Tensor, regularizer: LaplaceRegularizer | None) -> Tensor:
+    """``loss + penalty`` for a plain PyTorch loop (``regularizer=None`` leaves it unchanged)."""
+    return loss if regularizer is None else loss + regularizer().to(loss.dtype)
+
+
+class LaplaceTrainerMixin:
+    """Mix into a ``transformers.Trainer`` subclass: ``compute_loss`` adds the penalty and logs it.
+
+    Pass ``regularizer=`` to the constructor; ``laplace_penalty`` and ``laplace_strength`` are
+    logged alongside the loss.
+    """
+
+    def __init__(self, *args: Any, regularizer: LaplaceRegularizer | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.regularizer = regularizer
+        self._penalty_sum = 0.0
+        self._penalty_count = 0
+
+    def compute_loss(self, model: Any, inputs: Any, return_outputs: bool = False, **kwargs: Any) -> Any:
+        result = super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)  # type: ignore[misc]
+        if self.regularizer is None:
+            return result
+        penalty = self.regularizer()
+        self._penalty_sum += float(penalty.detach())
+        self._penalty_count += 1
+        if return_outputs:
+            loss, outputs = result
+            return loss + penalty.to(loss.dtype), outputs
+        return result + penalty.to(result.dtype)
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        if self.regularizer is not None and self._penalty_count and "loss" in logs:
+            logs["laplace_penalty"] = self._penalty_sum / self._penalty_count
+            logs["laplace_strength"] = self.regularizer.strength
+            self._penalty_sum, self._penalty_count = 0.0, 0
+        super().log(logs, *args, **kwargs)  # type: ignore[misc]
+
+
+def laplace_trainer_class() -> type:
+    """``transformers.Trainer`` with the penalty in its loss."""
+    try:
+        from transformers import Trainer
+    except ImportError as e:
+        raise MissingExtraError("transformers", "hf") from e
+    return type("LaplaceTrainer", (LaplaceTrainerMixin, Trainer), {})
+
+
+def laplace_sft_trainer_class() -> type:
+    """TRL's ``SFTTrainer`` with the penalty in its loss."""
+    try:
+        from trl import SFTTrainer
+    except ImportError as e:
+        raise MissingExtraError("trl", "trl") from e
+    return type("LaplaceSFTTrainer", (LaplaceTrainerMixin, SFTTrainer), {})
