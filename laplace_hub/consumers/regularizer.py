@@ -56,7 +56,7 @@ def identity_block(d_out: int, d_in: int) -> KronBlock:
     """``P = I``: the L2 baseline, as a Kronecker block of two identity factors (nothing stored)."""
 
     def eye(n: int) -> EigenFactor:
-        return EigenFactor(torch.zeros(n, 0), torch.zeros(0), 1.0)
+        return EigenFactor(torch.zeros(n, 0, dtype=torch.float32), torch.zeros(0, dtype=torch.float32), 1.0)
 
     return KronBlock(eye(d_in), eye(d_out))
 

@@ -19,7 +19,14 @@ from laplace_hub.curvature import (
 from laplace_hub.errors import StructureError
 
 D_OUT, D_IN, RANK = 5, 4, 2
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 
 def psd(n: int, seed: int, rank: int | None = None) -> torch.Tensor:
