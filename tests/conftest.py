@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFORMANCE = ROOT / "spec" / "conformance"
@@ -17,3 +20,25 @@ def _isolated_caches(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pyte
     monkeypatch.setenv("HF_HOME", str(home))
     monkeypatch.setenv("HF_HUB_OFFLINE", os.environ.get("HF_HUB_OFFLINE", "1"))
     monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """The real ``laplace-hub`` command in a child process."""
+    return subprocess.run([sys.executable, "-m", "laplace_hub.cli", *args], capture_output=True, text=True, timeout=600)
+
+
+def tiny_llama() -> torch.nn.Module:
+    """A 2-layer Llama (hidden 8, GQA) in float64, the same every call."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=23,
+        hidden_size=8,
+        intermediate_size=12,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=32,
+    )
+    return LlamaForCausalLM(config).double().eval()

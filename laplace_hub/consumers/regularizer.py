@@ -79,7 +79,11 @@ class LaplaceRegularizer(nn.Module):
         self.mode = mode
         self._modules_list = modules
         self._blocks = blocks
-        self._anchors = [(m.lora_a.detach().float().clone(), m.lora_b.detach().float().clone()) for m in modules]
+        if mode == "lora_init":
+            # The prior mean (A₀, B₀) is state: buffers, so that it is saved with the regularizer.
+            for i, m in enumerate(modules):
+                self.register_buffer(f"anchor_a_{i}", m.lora_a.detach().float().clone())
+                self.register_buffer(f"anchor_b_{i}", m.lora_b.detach().float().clone())
 
     @classmethod
     def from_artifact(
@@ -157,12 +161,12 @@ class LaplaceRegularizer(nn.Module):
     def forward(self) -> Tensor:
         """The penalty, a float32 scalar differentiable in the LoRA factors."""
         terms = []
-        for module, block, (a0, b0) in zip(self._modules_list, self._blocks, self._anchors, strict=True):
+        for i, (module, block) in enumerate(zip(self._modules_list, self._blocks, strict=True)):
             a, b = module.lora_a.float(), module.lora_b.float()
             if self.mode == "weight":
                 terms.append(block.quad_lowrank(module.scaling * b, a))  # type: ignore[attr-defined]
             else:
-                terms.append(block.quad(a - a0, b - b0))
+                terms.append(block.quad(a - getattr(self, f"anchor_a_{i}"), b - getattr(self, f"anchor_b_{i}")))
         if not terms:
             return torch.zeros(())
         return 0.5 * self.strength * torch.stack(terms).sum()

@@ -165,7 +165,7 @@ def _blocks(
         kron = KronBlock(inputs[owner], output.compress(options.eig_rank) if options.eig_rank else output)
         if name in inits:
             init = inits[name]
-            a, b = init.a.to(kron.output.dense().dtype), init.b.to(kron.output.dense().dtype)
+            a, b = init.a.to(options.accumulate_dtype), init.b.to(options.accumulate_dtype)
             blocks[name] = kron.project_lora(a, b, init.scaling, cross=options.structure == "kron_tridiag")
         else:
             blocks[name] = kron

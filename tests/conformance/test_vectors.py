@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import jsonschema
@@ -13,15 +11,11 @@ import pytest
 
 from laplace_hub.manifest import SPEC_VERSION, Manifest, manifest_json_schema
 from laplace_hub.validate import validate
-from tests.conftest import CONFORMANCE, ROOT
+from tests.conftest import CONFORMANCE, ROOT, run_cli
 
 VALID = sorted(p for p in (CONFORMANCE / "valid").iterdir() if p.is_dir())
 INVALID = sorted(p for p in (CONFORMANCE / "invalid").iterdir() if p.is_dir())
 SCHEMA_PATH = ROOT / "spec" / f"manifest-{SPEC_VERSION}.schema.json"
-
-
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "laplace_hub.cli", *args], capture_output=True, text=True, timeout=120)
 
 
 def test_there_are_vectors_for_every_structure_and_parameterization() -> None:
@@ -56,7 +50,7 @@ def test_invalid_vector_gives_its_code(folder: Path) -> None:
 
 @pytest.mark.parametrize("folder", [VALID[0], *INVALID], ids=lambda p: p.name)
 def test_cli_json_agrees_and_exit_code(folder: Path) -> None:
-    result = cli("validate", str(folder), "--json")
+    result = run_cli("validate", str(folder), "--json")
     data = json.loads(result.stdout)
     assert result.returncode == (0 if data["valid"] else 1)
     assert "Traceback" not in result.stderr
@@ -74,20 +68,20 @@ def test_cli_on_garbage_gives_one_line(tmp_path: Path) -> None:
     (garbage / "x.bin").write_bytes(b"\x00" * 64)
     for target in (junk, garbage):
         for command in ("validate", "inspect"):
-            result = cli(command, str(target))
+            result = run_cli(command, str(target))
             assert result.returncode == 1
             assert "Traceback" not in result.stderr + result.stdout
-    result = cli("inspect", str(junk))
+    result = run_cli("inspect", str(junk))
     assert len(result.stderr.strip().splitlines()) == 1
 
 
 def test_cli_usage_error_exits_2() -> None:
-    assert cli("validate").returncode == 2
-    assert cli("no-such-command").returncode == 2
+    assert run_cli("validate").returncode == 2
+    assert run_cli("no-such-command").returncode == 2
 
 
 def test_inspect_json_summarises() -> None:
-    result = cli("inspect", str(CONFORMANCE / "valid" / "weight-kron-separate-mc"), "--json")
+    result = run_cli("inspect", str(CONFORMANCE / "valid" / "weight-kron-separate-mc"), "--json")
     summary = json.loads(result.stdout)
     assert [d["name"] for d in summary["datasets"]] == ["docs", "code"]
     assert summary["estimator"] == {"kind": "mc", "mc_samples": 2, "seed": 0}

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from laplace_hub.consumers import LaplaceRegularizer, adapted_modules, apply_lora_init, regularized_loss
 from laplace_hub.data import pad_batch
@@ -15,23 +15,14 @@ from laplace_hub.errors import LaplaceHubError, ModelMismatchError
 from laplace_hub.manifest import BaseModelInfo
 from laplace_hub.models import select_targets
 from laplace_hub.producers import ComputeOptions, compute_artifact
+from tests.conftest import tiny_llama
 
 TARGETS = ["q_proj", "v_proj"]
 
 
 @pytest.fixture(scope="module")
 def base() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=23,
-        hidden_size=8,
-        intermediate_size=12,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=32,
-    )
-    return LlamaForCausalLM(config).double().eval()
+    return tiny_llama()
 
 
 @pytest.fixture(scope="module")

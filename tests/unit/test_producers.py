@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch.func import functional_call, grad
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from laplace_hub.curvature import DiagBlock, KronBlock, LoraPairBlock
 from laplace_hub.data import pad_batch
@@ -15,23 +15,14 @@ from laplace_hub.models import select_targets
 from laplace_hub.producers import ComputeOptions, compute_artifact
 from laplace_hub.producers.compute import lora_inits
 from laplace_hub.validate import validate
+from tests.conftest import tiny_llama
 
 TARGETS = "q_proj,v_proj,down_proj"
 
 
 @pytest.fixture(scope="module")
 def model() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=23,
-        hidden_size=8,
-        intermediate_size=12,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=32,
-    )
-    return LlamaForCausalLM(config).double().eval()
+    return tiny_llama()
 
 
 @pytest.fixture(scope="module")

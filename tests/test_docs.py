@@ -1,0 +1,20 @@
+"""The Python examples of the README and the format guide run as written."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from tests.conftest import ROOT
+
+PAGES = ["README.md", "docs/format.md"]
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_python_examples_run(page: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(ROOT)
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / page).read_text(), re.S)
+    assert blocks
+    for block in blocks:
+        exec(compile(block, page, "exec"), {})
