@@ -82,14 +82,14 @@ def main() -> None:
         f"SmolLM2-135M, targets q,k,v,o (120 modules), batch {args.batch_size} x <= {args.max_length} tokens, "
         f"median of {args.repeats}, {torch.get_num_threads()} threads"
     )
-    print(f"{'structure':<22} {'fwd+bwd s':>10} {'curvature s':>12} {'ratio':>7} {'peak RSS MiB':>13}")
+    print(f"{'structure':<22} {'tokens':>6} {'fwd+bwd s':>10} {'curvature s':>12} {'ratio':>7} {'peak RSS MiB':>13}")
     for case in CASES:
         queue: mp.Queue = ctx.Queue()
         proc = ctx.Process(target=measure, args=(case, args.repeats, args.batch_size, args.max_length, queue))
         proc.start()
         name, plain, curv, peak, tokens = queue.get()
         proc.join()
-        print(f"{name:<22} {plain:>10.3f} {curv:>12.3f} {curv / plain:>7.2f} {peak:>13.0f}")
+        print(f"{name:<22} {tokens:>6} {plain:>10.3f} {curv:>12.3f} {curv / plain:>7.2f} {peak:>13.0f}")
 
 
 if __name__ == "__main__":
