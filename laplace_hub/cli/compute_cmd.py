@@ -11,10 +11,12 @@ import torch
 
 from laplace_hub.cli._common import add_command, human_bytes, print_json
 from laplace_hub.data import DatasetSpec, make_batches, pydoc_texts, read_texts
+from laplace_hub.errors import DataError
 from laplace_hub.manifest import BaseModelInfo
 from laplace_hub.models import SMOLLM2_REPO_ID, load_model, select_targets
 from laplace_hub.producers import ComputeOptions, compute_artifact
-from laplace_hub.producers.distributed import rank_and_world
+from laplace_hub.producers.distributed import init_from_env, rank_and_world
+from laplace_hub.producers.self_data import sample_texts
 from laplace_hub.validate import validate
 
 
@@ -33,11 +35,19 @@ def register(sub: Any) -> None:
     p.add_argument("model", help="model folder, Hub id, or 'smollm2'")
     p.add_argument("--gguf-file", help="GGUF file inside MODEL")
     p.add_argument(
+        "--model-dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default="float32",
+        help="dtype to load the model in (curvature accumulates in float32 regardless)",
+    )
+    p.add_argument("--device-map", help="e.g. 'auto' to spread a model too large for one device (accelerate)")
+    p.add_argument(
         "--data",
         action="append",
         required=True,
         metavar="NAME=PATH",
-        help="a named dataset (.txt, .jsonl, .parquet, saved dataset folder, or stdlib:pydoc); repeat",
+        help="a named dataset (.txt, .jsonl, .parquet, saved dataset folder, stdlib:pydoc, or self:N to "
+        "sample N texts from the model itself); repeat",
     )
     p.add_argument("--out", required=True, help="the artifact folder to write")
     p.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj", help="module names or 'all-linear'")
@@ -69,15 +79,31 @@ def register(sub: Any) -> None:
     p.set_defaults(run=run)
 
 
-def load_texts(spec: DatasetSpec, tokenizer: Any) -> list[str]:
-    """A dataset's documents; ``stdlib:pydoc`` is the Python reference shipped with the stdlib."""
-    return pydoc_texts() if str(spec.path) == "stdlib:pydoc" else read_texts(spec.path, tokenizer=tokenizer)
+def load_texts(spec: DatasetSpec, model: Any, tokenizer: Any, args: argparse.Namespace) -> list[str]:
+    """A dataset's documents: a file, ``stdlib:pydoc``, or ``self:N``.
+
+    ``stdlib:pydoc`` is the Python reference shipped with the stdlib; ``self:N`` is N texts
+    sampled from the model itself.
+    """
+    source = str(spec.path)
+    if source == "stdlib:pydoc":
+        return pydoc_texts()
+    if source.startswith("self:"):
+        try:
+            count = int(source.removeprefix("self:"))
+        except ValueError:
+            raise DataError(f"--data {source!r}: expected self:N with N a whole number") from None
+        return sample_texts(model, tokenizer, count, max_new_tokens=args.max_length, seed=args.seed)
+    return read_texts(spec.path, tokenizer=tokenizer)
 
 
 def run(args: argparse.Namespace) -> int:
     """Load, compute, write, validate."""
     specs = [DatasetSpec.parse(d) for d in args.data]
-    model, tokenizer = load_model(args.model, gguf_file=args.gguf_file)
+    init_from_env()
+    model, tokenizer = load_model(
+        args.model, gguf_file=args.gguf_file, dtype=getattr(torch, args.model_dtype), device_map=args.device_map
+    )
     options = ComputeOptions(
         structure=args.structure,
         estimator=args.estimator,
@@ -98,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
     options.check()
     datasets = {
         s.name: make_batches(
-            load_texts(s, tokenizer),
+            load_texts(s, model, tokenizer, args),
             tokenizer,
             max_length=args.max_length,
             batch_size=args.batch_size,

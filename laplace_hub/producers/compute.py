@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -129,6 +130,7 @@ def _accumulate(
         raise DataError(f"dataset {label!r} has {len(batches)} batch(es) for {world} processes; give each one")
     mine = [b for i, b in enumerate(batches) if i % world == rank]
     bar = tqdm(mine, desc=f"curvature [{label}]", unit="batch", disable=rank != 0, leave=False)
+    start = time.perf_counter()
     for batch in bar:
         sequences, tokens = _backward_batch(model, batch, acc, options, gen)
         counts.sequences, counts.tokens, counts.batches = (
@@ -136,7 +138,7 @@ def _accumulate(
             counts.tokens + tokens,
             counts.batches + 1,
         )
-        bar.set_postfix(tokens=counts.tokens)
+        bar.set_postfix(tokens=counts.tokens, tokens_per_s=round(counts.tokens / (time.perf_counter() - start)))
 
 
 def _blocks(

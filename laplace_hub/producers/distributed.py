@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
@@ -10,6 +11,14 @@ import torch.distributed as dist
 from torch import Tensor
 
 C = TypeVar("C")
+
+
+def init_from_env() -> None:
+    """Join the process group ``torchrun`` (or ``accelerate launch``) describes in the environment."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and dist.is_available() and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def rank_and_world() -> tuple[int, int]:
