@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from laplace_hub.artifact import Artifact
@@ -18,6 +21,8 @@ from laplace_hub.manifest import LoraParameterization
 
 logger = logging.getLogger(__name__)
 Mode = Literal["weight", "lora_init"]
+STATE_FILE = "laplace_regularizer.safetensors"
+STATE_META = "laplace_regularizer.json"
 
 
 @dataclass
@@ -170,6 +175,36 @@ class LaplaceRegularizer(nn.Module):
         if not terms:
             return torch.zeros(())
         return 0.5 * self.strength * torch.stack(terms).sum()
+
+    def save(self, folder: str | Path) -> None:
+        """Write what resuming needs (strength, mode, module names, LoRA-init anchors) to ``folder``.
+
+        The curvature itself stays in its artifact; the anchors are the only state training cannot
+        recompute, since by then the LoRA factors have moved.
+        """
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, folder / STATE_FILE)
+        meta = {"strength": self.strength, "mode": self.mode, "modules": [m.name for m in self._modules_list]}
+        (folder / STATE_META).write_text(json.dumps(meta, indent=2) + "\n")
+
+    def load(self, folder: str | Path) -> None:
+        """Restore what :meth:`save` wrote; refuses state written for other modules or another mode."""
+        folder = Path(folder)
+        try:
+            meta = json.loads((folder / STATE_META).read_text())
+            state = load_file(folder / STATE_FILE)
+        except (OSError, ValueError) as e:
+            raise LaplaceHubError(f"no readable regularizer state in {folder}: {e}") from e
+        names = [m.name for m in self._modules_list]
+        if meta.get("mode") != self.mode or meta.get("modules") != names:
+            raise ModelMismatchError(
+                f"regularizer state is for mode {meta.get('mode')!r} over {len(meta.get('modules', []))} modules; "
+                f"this one is {self.mode!r} over {len(names)}",
+                location=str(folder),
+            )
+        self.load_state_dict(state)
+        self.strength = float(meta["strength"])
 
     def extra_repr(self) -> str:
         return f"strength={self.strength}, mode={self.mode!r}, modules={len(self._blocks)}"

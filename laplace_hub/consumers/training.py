@@ -6,6 +6,7 @@ clipping behave as usual.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from torch import Tensor
@@ -29,6 +30,8 @@ class LaplaceTrainerMixin:
     def __init__(self, *args: Any, regularizer: LaplaceRegularizer | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.regularizer = regularizer
+        if regularizer is not None:
+            self.add_callback(_save_with_checkpoints(regularizer))  # type: ignore[attr-defined]
         self._penalty_sum = 0.0
         self._penalty_count = 0
 
@@ -44,12 +47,36 @@ class LaplaceTrainerMixin:
             return loss + penalty.to(loss.dtype), outputs
         return result + penalty.to(result.dtype)
 
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
+        if self.regularizer is not None and resume_from_checkpoint:
+            from transformers.trainer_utils import get_last_checkpoint
+
+            folder = resume_from_checkpoint
+            if folder is True:
+                folder = get_last_checkpoint(self.args.output_dir)  # type: ignore[attr-defined]
+            if folder:
+                self.regularizer.load(str(folder))
+        return super().train(resume_from_checkpoint, *args, **kwargs)  # type: ignore[misc]
+
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if self.regularizer is not None and self._penalty_count and "loss" in logs:
             logs["laplace_penalty"] = self._penalty_sum / self._penalty_count
             logs["laplace_strength"] = self.regularizer.strength
             self._penalty_sum, self._penalty_count = 0.0, 0
         super().log(logs, *args, **kwargs)  # type: ignore[misc]
+
+
+def _save_with_checkpoints(regularizer: LaplaceRegularizer) -> Any:
+    """A callback that writes the regularizer's state into every checkpoint folder."""
+    from transformers import TrainerCallback
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    class SaveRegularizer(TrainerCallback):  # type: ignore[misc]
+        def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if state.is_world_process_zero:
+                regularizer.save(Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+
+    return SaveRegularizer()
 
 
 def laplace_trainer_class() -> type:
