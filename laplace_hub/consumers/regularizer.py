@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from laplace_hub.artifact import Artifact
-from laplace_hub.curvature import Block, EigenFactor, KronBlock, LoraPairBlock, WeightBlock
+from laplace_hub.curvature import Block, EigenFactor, KronBlock, LoraPairBlock, WeightBlock, signature, stack_blocks
 from laplace_hub.errors import LaplaceHubError, ModelMismatchError
 from laplace_hub.fingerprint import fingerprint_weights
 from laplace_hub.manifest import LoraParameterization
@@ -57,11 +57,11 @@ def adapted_modules(model: nn.Module, adapter: str = "default") -> Iterator[Adap
             yield AdaptedModule(name.removeprefix("base_model.model."), module, adapter)
 
 
-def identity_block(d_out: int, d_in: int) -> KronBlock:
+def identity_block(d_out: int, d_in: int, device: torch.device | None = None) -> KronBlock:
     """``P = I``: the L2 baseline, as a Kronecker block of two identity factors (nothing stored)."""
 
     def eye(n: int) -> EigenFactor:
-        return EigenFactor(torch.zeros(n, 0, dtype=torch.float32), torch.zeros(0, dtype=torch.float32), 1.0)
+        return EigenFactor(torch.zeros(n, 0, device=device), torch.zeros(0, device=device), 1.0)
 
     return KronBlock(eye(d_in), eye(d_out))
 
@@ -83,12 +83,24 @@ class LaplaceRegularizer(nn.Module):
         self.strength = strength
         self.mode = mode
         self._modules_list = modules
-        self._blocks = blocks
-        if mode == "lora_init":
-            # The prior mean (A₀, B₀) is state: buffers, so that it is saved with the regularizer.
-            for i, m in enumerate(modules):
-                self.register_buffer(f"anchor_a_{i}", m.lora_a.detach().float().clone())
-                self.register_buffer(f"anchor_b_{i}", m.lora_b.detach().float().clone())
+        # Modules of one structure and shape are evaluated as one stacked block: a few kernels
+        # per step instead of several per module.
+        grouped: dict[Hashable, list[int]] = {}
+        for i, (m, block) in enumerate(zip(modules, blocks, strict=True)):
+            grouped.setdefault((signature(block), m.lora_a.shape, str(m.lora_a.device)), []).append(i)
+        self._groups = [[modules[i] for i in members] for members in grouped.values()]
+        self._blocks = [stack_blocks([blocks[i] for i in members]) for members in grouped.values()]
+        for g, group in enumerate(self._groups):
+            scaling = torch.tensor([m.scaling for m in group], device=group[0].lora_a.device)[:, None, None]
+            self.register_buffer(f"scaling_{g}", scaling, persistent=False)
+            if mode == "lora_init":
+                # The prior mean (A₀, B₀) is state: buffers, so that it is saved with the regularizer.
+                self.register_buffer(f"anchor_a_{g}", self._stacked(group, "lora_a").detach().clone())
+                self.register_buffer(f"anchor_b_{g}", self._stacked(group, "lora_b").detach().clone())
+
+    @staticmethod
+    def _stacked(group: list[AdaptedModule], factor: str) -> Tensor:
+        return torch.stack([getattr(m, factor) for m in group]).float()
 
     @classmethod
     def from_artifact(
@@ -160,18 +172,21 @@ class LaplaceRegularizer(nn.Module):
     ) -> LaplaceRegularizer:
         """The L2 baseline with the same interface: ``P = I`` on ``Δ`` (weight) or on the factors."""
         modules = list(adapted_modules(model, adapter))
-        blocks = [_identity_pair(m) if mode == "lora_init" else identity_block(*m.base_weight.shape) for m in modules]
+        blocks = [
+            _identity_pair(m) if mode == "lora_init" else identity_block(*m.base_weight.shape, m.lora_a.device)
+            for m in modules
+        ]
         return cls(modules, blocks, strength, mode)
 
     def forward(self) -> Tensor:
         """The penalty, a float32 scalar differentiable in the LoRA factors."""
         terms = []
-        for i, (module, block) in enumerate(zip(self._modules_list, self._blocks, strict=True)):
-            a, b = module.lora_a.float(), module.lora_b.float()
+        for g, (group, block) in enumerate(zip(self._groups, self._blocks, strict=True)):
+            a, b = self._stacked(group, "lora_a"), self._stacked(group, "lora_b")
             if self.mode == "weight":
-                terms.append(block.quad_lowrank(module.scaling * b, a))  # type: ignore[attr-defined]
+                terms.append(block.quad_lowrank(getattr(self, f"scaling_{g}") * b, a))  # type: ignore[attr-defined]
             else:
-                terms.append(block.quad(a - getattr(self, f"anchor_a_{i}"), b - getattr(self, f"anchor_b_{i}")))
+                terms.append(block.quad(a - getattr(self, f"anchor_a_{g}"), b - getattr(self, f"anchor_b_{g}")))
         if not terms:
             return torch.zeros(())
         return 0.5 * self.strength * torch.stack(terms).sum()
@@ -207,12 +222,13 @@ class LaplaceRegularizer(nn.Module):
         self.strength = float(meta["strength"])
 
     def extra_repr(self) -> str:
-        return f"strength={self.strength}, mode={self.mode!r}, modules={len(self._blocks)}"
+        modules, groups = len(self._modules_list), len(self._groups)
+        return f"strength={self.strength}, mode={self.mode!r}, modules={modules}, groups={groups}"
 
 
 def _identity_pair(m: AdaptedModule) -> Block:
     r, (d_out, d_in) = m.lora_a.shape[0], m.base_weight.shape
-    return LoraPairBlock(identity_block(r, d_in), identity_block(d_out, r))
+    return LoraPairBlock(identity_block(r, d_in, m.lora_a.device), identity_block(d_out, r, m.lora_a.device))
 
 
 def _check_init(artifact: Artifact, m: AdaptedModule) -> None:

@@ -2,6 +2,7 @@
 
 from laplace_hub.curvature.blocks import Block, BlockSum, DiagBlock, KronBlock, LoraPairBlock, WeightBlock
 from laplace_hub.curvature.factors import DenseFactor, EigenFactor, Factor, pack_symmetric, unpack_symmetric
+from laplace_hub.curvature.stack import signature, stack_blocks
 
 __all__ = [
     "Block",
@@ -14,5 +15,7 @@ __all__ = [
     "LoraPairBlock",
     "WeightBlock",
     "pack_symmetric",
+    "signature",
+    "stack_blocks",
     "unpack_symmetric",
 ]

@@ -1,5 +1,8 @@
 """Curvature blocks: precision matrices of one parameter (or one LoRA A/B pair), never materialised.
 
+``quad`` also accepts stacked deltas for stacked blocks (a leading batch dimension) and sums over
+it; ``dense``, ``scale``, ``+`` and ``project_lora`` are for single blocks.
+
 Conventions (SPEC.md §5): a parameter ``Δ`` of shape ``(d_out, d_in)`` is vectorised row-major,
 so a Kronecker block with input factor ``Σx`` (``d_in × d_in``) and output factor ``Σg``
 (``d_out × d_out``) is ``P = Σg ⊗ Σx`` and ``vec(Δ)ᵀ P vec(Δ) = tr(Σg Δ Σx Δᵀ)``.
@@ -60,7 +63,7 @@ class WeightBlock(Block):
         """
 
     def _check(self, delta: Tensor) -> None:
-        if tuple(delta.shape) != self.shape:
+        if tuple(delta.shape[-2:]) != self.shape:
             raise StructureError(f"delta has shape {tuple(delta.shape)}, block covers {self.shape}")
 
 
@@ -72,12 +75,20 @@ class DiagBlock(WeightBlock):
 
     @property
     def shape(self) -> tuple[int, int]:  # type: ignore[override]
-        return (int(self.diagonal.shape[0]), int(self.diagonal.shape[1]))
+        return (int(self.diagonal.shape[-2]), int(self.diagonal.shape[-1]))
 
     def quad(self, *deltas: Tensor) -> Tensor:
         (delta,) = deltas
         self._check(delta)
         return (self.diagonal * delta.square()).sum()
+
+    def quad_lowrank(self, b: Tensor, a: Tensor) -> Tensor:
+        if self.diagonal.dim() == 2:
+            return self.quad(b @ a)
+        # Stacked: form one Δ at a time, so that memory stays that of one module.
+        return torch.stack(
+            [(d * (bi @ ai).square()).sum() for d, bi, ai in zip(self.diagonal, b, a, strict=True)]
+        ).sum()
 
     def dense(self) -> Tensor:
         return torch.diag(self.diagonal.reshape(-1))
@@ -120,11 +131,13 @@ class KronBlock(WeightBlock):
     def quad(self, *deltas: Tensor) -> Tensor:
         (delta,) = deltas
         self._check(delta)
-        return (self.output.apply(delta.T).T * self.input.apply(delta)).sum()
+        if self.input.constant and self.output.constant:
+            return _KronQuad.apply(delta, self.input, self.output)  # type: ignore[no-any-return]
+        return (self.output.apply(delta.mT).mT * self.input.apply(delta)).sum()
 
     def quad_lowrank(self, b: Tensor, a: Tensor) -> Tensor:
         # tr(Σg B A Σx Aᵀ Bᵀ) = <Bᵀ Σg B, A Σx Aᵀ>: O(r (d_in² + d_out²)), no d_out × d_in matrix.
-        return (self.output.sandwich(b.T) * self.input.sandwich(a)).sum()
+        return (self.output.sandwich(b.mT) * self.input.sandwich(a)).sum()
 
     def dense(self) -> Tensor:
         return torch.kron(self.output.dense(), self.input.dense())
@@ -150,6 +163,30 @@ class KronBlock(WeightBlock):
         return LoraPairBlock(block_a, block_b, cross_input, cross_output)
 
 
+class _KronQuad(torch.autograd.Function):
+    """``⟨Σg Δ, Δ Σx⟩`` whose backward reuses the forward's products.
+
+    The gradient ``2 Σg Δ Σx`` is one more product with the *smaller* factor applied to what the
+    forward already computed; autograd's generic path would multiply by both factors again.
+    For a LoRA ``A`` (``Σg`` is ``r × r``) that removes the only ``r·d²`` product of the backward.
+    """
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, delta: Tensor, input: Factor, output: Factor) -> Tensor:
+        left = output.apply(delta.mT).mT  # Σg Δ
+        right = input.apply(delta)  # Δ Σx
+        ctx.save_for_backward(left, right)
+        ctx.factors = (input, output)  # type: ignore[attr-defined]
+        return (left * right).sum()
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor, None, None]:
+        left, right = ctx.saved_tensors  # type: ignore[attr-defined]
+        input, output = ctx.factors  # type: ignore[attr-defined]
+        both = output.apply(right.mT).mT if output.dim <= input.dim else input.apply(left)
+        return 2 * grad * both, None, None
+
+
 @dataclass(frozen=True)
 class LoraPairBlock(Block):
     """A precision over a LoRA pair ``(δA: r × d_in, δB: d_out × r)``.
@@ -168,7 +205,7 @@ class LoraPairBlock(Block):
         delta_a, delta_b = deltas
         total = self.a.quad(delta_a) + self.b.quad(delta_b)
         if self.cross_input is not None and self.cross_output is not None:
-            total = total + 2 * (delta_a * (self.cross_output @ delta_b @ self.cross_input.T)).sum()
+            total = total + 2 * (delta_a * (self.cross_output @ delta_b @ self.cross_input.mT)).sum()
         return total
 
     def dense(self) -> Tensor:

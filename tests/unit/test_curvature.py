@@ -172,3 +172,44 @@ def test_symmetric_packing_round_trips() -> None:
 def test_shape_mismatch_is_refused(block) -> None:
     with pytest.raises(StructureError, match="delta has shape"):
         block.quad(torch.zeros(D_IN, D_OUT))
+
+
+@pytest.mark.parametrize("name", ["diag", "kron", "kron_eig"])
+def test_stacked_blocks_sum_the_quadratic_forms(name: str) -> None:
+    from laplace_hub.curvature import signature, stack_blocks
+
+    def make(seed: int):
+        kron = KronBlock(DenseFactor(psd(D_IN, seed)), DenseFactor(psd(D_OUT, seed + 1)))
+        return {"diag": DiagBlock(torch.rand(D_OUT, D_IN)), "kron": kron, "kron_eig": kron.compress(2)}[name]
+
+    blocks = [make(s) for s in (1, 5, 9)]
+    assert len({signature(b) for b in blocks}) == 1
+    stacked = stack_blocks(blocks)
+    deltas = torch.randn(3, D_OUT, D_IN)
+    b, a = torch.randn(3, D_OUT, RANK), torch.randn(3, RANK, D_IN)
+    torch.testing.assert_close(stacked.quad(deltas), sum(blk.quad(d) for blk, d in zip(blocks, deltas, strict=True)))
+    torch.testing.assert_close(
+        stacked.quad_lowrank(b, a), sum(blk.quad_lowrank(bi, ai) for blk, bi, ai in zip(blocks, b, a, strict=True))
+    )
+    pairs = [blk.project_lora(ai, bi, 0.5, cross=name != "diag") for blk, ai, bi in zip(blocks, a, b, strict=True)]
+    da, db = torch.randn(3, RANK, D_IN), torch.randn(3, D_OUT, RANK)
+    torch.testing.assert_close(
+        stack_blocks(pairs).quad(da, db), sum(p.quad(x, y) for p, x, y in zip(pairs, da, db, strict=True))
+    )
+    with pytest.raises(StructureError, match="stacked"):
+        stack_blocks([make(1), DiagBlock(torch.rand(2, 2))])
+
+
+def test_symmetric_sandwich_gradient() -> None:
+    factor = DenseFactor(psd(D_IN, 3))
+    m = torch.randn(2, RANK, D_IN, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: factor.sandwich(x), (m,))
+
+
+@pytest.mark.parametrize("shape", [(D_OUT, D_IN), (RANK, D_IN), (D_OUT, RANK)])
+@pytest.mark.parametrize("eig", [False, True])
+def test_kron_quad_gradient(shape: tuple[int, int], eig: bool) -> None:
+    block = KronBlock(DenseFactor(psd(shape[1], 1)), DenseFactor(psd(shape[0], 2)))
+    block = block.compress(1) if eig else block
+    delta = torch.randn(2, *shape, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: block.quad(x), (delta,))
