@@ -4,8 +4,9 @@
 
 LoRA r=16 on q,k,v,o of all 30 layers (120 modules), one training step = forward + backward +
 AdamW on a batch of pydoc text (4 × ≤113 tokens by default, as the design notes' reference step).
-The penalty's cost does not depend on the batch; the step's grows with its tokens. For every structure the penalty's forward+backward
-is timed in the same process, and the ratio of medians is printed.
+The penalty's cost does not depend on the batch; the step's grows with its tokens. For every
+structure the penalty's forward+backward is timed in the same process; the ratio of medians is
+printed.
 """
 
 from __future__ import annotations
