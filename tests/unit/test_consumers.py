@@ -178,3 +178,15 @@ def test_regularized_training_moves_less_in_sharp_directions(base, batches) -> N
         probe = LaplaceRegularizer.from_artifact(art, model, strength=2.0)
         results[strength] = float(probe())
     assert results[100.0] < 0.5 * results[0.0]
+
+
+def test_bf16_model_penalty_accumulates_in_float32(base, batches) -> None:
+    art = artifact(base, batches, structure="kron")
+    model = peft_model(base)
+    exact = float(LaplaceRegularizer.from_artifact(art, model, strength=1.0)())
+    half = model.to(torch.bfloat16)
+    penalty = LaplaceRegularizer.from_artifact(art, half, strength=1.0, check_fingerprint=False)()
+    assert penalty.dtype == torch.float32
+    assert float(penalty) == pytest.approx(exact, rel=0.05)  # bf16 LoRA factors, float32 arithmetic
+    penalty.backward()
+    assert next(m.lora_b.grad for m in adapted_modules(half)).dtype == torch.bfloat16
