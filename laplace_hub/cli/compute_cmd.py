@@ -79,7 +79,7 @@ def register(sub: Any) -> None:
     p.set_defaults(run=run)
 
 
-def load_texts(spec: DatasetSpec, model: Any, tokenizer: Any, args: argparse.Namespace) -> list[str]:
+def load_texts(spec: DatasetSpec, model: Any, tokenizer: Any, *, max_length: int = 128, seed: int = 0) -> list[str]:
     """A dataset's documents: a file, ``stdlib:pydoc``, or ``self:N``.
 
     ``stdlib:pydoc`` is the Python reference shipped with the stdlib; ``self:N`` is N texts
@@ -93,7 +93,7 @@ def load_texts(spec: DatasetSpec, model: Any, tokenizer: Any, args: argparse.Nam
             count = int(source.removeprefix("self:"))
         except ValueError:
             raise DataError(f"--data {source!r}: expected self:N with N a whole number") from None
-        return sample_texts(model, tokenizer, count, max_new_tokens=args.max_length, seed=args.seed)
+        return sample_texts(model, tokenizer, count, max_new_tokens=max_length, seed=seed)
     return read_texts(spec.path, tokenizer=tokenizer)
 
 
@@ -124,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
     options.check()
     datasets = {
         s.name: make_batches(
-            load_texts(s, model, tokenizer, args),
+            load_texts(s, model, tokenizer, max_length=args.max_length, seed=args.seed),
             tokenizer,
             max_length=args.max_length,
             batch_size=args.batch_size,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -14,24 +15,34 @@ def register(sub: Any) -> None:
     p = add_command(
         sub,
         "demo",
-        "Publisher computes and publishes K-FAC curvature; fine-tuner pulls it and fine-tunes with and without it.",
-        "  laplace-hub demo\n  laplace-hub demo --steps 10 --out /tmp/demo --json",
+        "Publisher computes and publishes K-FAC curvature; fine-tuner pulls it and sweeps λ against plain LoRA.",
+        "  laplace-hub demo\n  laplace-hub demo --steps 10 --seeds 0 --out /tmp/demo --json",
     )
-    p.add_argument("--out", default="out/demo", help="folder for the local hub, demo.json")
-    p.add_argument("--steps", type=int, default=40, help="LoRA training steps per run")
-    p.add_argument("--strength", type=float, default=1e3, help="λ of the regularised run")
+    p.add_argument("--out", default="out/demo", help="folder for the local hub, runs.csv, demo.json, pareto.png")
+    p.add_argument("--steps", type=int, help="LoRA training steps per run (default 40)")
+    p.add_argument("--seeds", help="comma-separated seeds (default 0,1,2)")
+    p.add_argument("--strengths", help="comma-separated λ grid (default 3,10,30,100)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the demo and print its table."""
-    from laplace_hub.evaluation import DemoConfig, format_table, run_demo
+    """Run the demo and print its report."""
+    from laplace_hub.cli.sweep_cmd import parse_list
+    from laplace_hub.evaluation import DemoConfig, format_report, run_demo
 
-    result = run_demo(DemoConfig(out=Path(args.out), steps=args.steps, strengths=(0.0, args.strength)))
+    cfg = DemoConfig(out=Path(args.out))
+    changes: dict[str, Any] = {}
+    if args.steps:
+        changes["steps"] = args.steps
+    if args.seeds:
+        changes["seeds"] = parse_list(args.seeds, int, "--seeds")
+    if args.strengths:
+        changes["strengths"] = parse_list(args.strengths, float, "--strengths")
+    cfg = dataclasses.replace(cfg, sweep=dataclasses.replace(cfg.sweep, **changes))
+    result = run_demo(cfg)
     if args.json:
         print_json(result)
     else:
-        print(format_table(result["rows"]))
-        print(f"report: {Path(args.out) / 'demo.json'}")
+        print(format_report(result, cfg.out))
     return 0

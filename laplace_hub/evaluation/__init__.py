@@ -1,5 +1,16 @@
-"""Learning/forgetting measurement and the end-to-end demo."""
+"""Learning/forgetting measurement, λ sweeps and the end-to-end demo."""
 
-from laplace_hub.evaluation.demo import DemoConfig, format_table, run_demo
+from laplace_hub.evaluation.demo import DemoConfig, format_report, run_demo
+from laplace_hub.evaluation.sweep import METHODS, SweepConfig, SweepData, choose, run_sweep, summarize
 
-__all__ = ["DemoConfig", "format_table", "run_demo"]
+__all__ = [
+    "METHODS",
+    "DemoConfig",
+    "SweepConfig",
+    "SweepData",
+    "choose",
+    "format_report",
+    "run_demo",
+    "run_sweep",
+    "summarize",
+]

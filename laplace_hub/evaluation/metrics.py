@@ -3,29 +3,46 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from laplace_hub.data import Batch, pad_batch
-from laplace_hub.evaluation.tasks import Problem
+from laplace_hub.evaluation.tasks import Example
 
 
-def problem_batch(problems: Sequence[Problem], tokenizer, pad_id: int) -> Batch:  # type: ignore[no-untyped-def]
-    """Question + answer; only the answer (and end-of-text) carry labels."""
-    prompts = [tokenizer(f"Q: {p.question}\nA:")["input_ids"] for p in problems]
-    answers = [tokenizer(f" {p.answer}")["input_ids"] + [tokenizer.eos_token_id] for p in problems]
-    return pad_batch([q + a for q, a in zip(prompts, answers, strict=True)], pad_id, [len(q) for q in prompts])
+def example_batches(examples: Sequence[Example], tokenizer: Any, batch_size: int = 32) -> list[Batch]:
+    """Prompt + completion + end of text; only the completion and end of text carry labels."""
+    prompts = [tokenizer(e.prompt)["input_ids"] for e in examples]
+    completions = [tokenizer(e.completion)["input_ids"] + [tokenizer.eos_token_id] for e in examples]
+    sequences = [p + c for p, c in zip(prompts, completions, strict=True)]
+    return [
+        pad_batch(sequences[i : i + batch_size], tokenizer.pad_token_id, [len(p) for p in prompts[i : i + batch_size]])
+        for i in range(0, len(sequences), batch_size)
+    ]
+
+
+def _logits(model: nn.Module, batch: Batch) -> torch.Tensor:
+    device = next(model.parameters()).device
+    return model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
 
 
 @torch.no_grad()
-def exact_match(model: nn.Module, batch: Batch) -> float:
-    """Share of problems whose whole answer greedy decoding would produce (one teacher-forced pass)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-    targets = batch["labels"][:, 1:]
-    valid = targets != -100
-    correct = (logits.argmax(-1) == targets) | ~valid
-    return float(correct.all(1).float().mean())
+def exact_match(model: nn.Module, batches: Sequence[Batch]) -> float:
+    """Share of examples whose whole completion greedy decoding would produce.
+
+    Greedy decoding reproduces the completion exactly when every completion token is the argmax
+    given the true prefix, so one teacher-forced forward pass decides it.
+    """
+    correct, total = 0, 0
+    for batch in batches:
+        predicted = _logits(model, batch)[:, :-1].argmax(-1).cpu()
+        targets = batch["labels"][:, 1:]
+        ok = (predicted == targets) | (targets == -100)
+        correct += int(ok.all(1).sum())
+        total += len(targets)
+    return correct / total
 
 
 @torch.no_grad()
@@ -33,7 +50,7 @@ def source_metrics(model: nn.Module, batches: Sequence[Batch]) -> dict[str, floa
     """Per-token NLL and next-token accuracy on held-out source batches."""
     nll, correct, tokens = 0.0, 0, 0
     for batch in batches:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+        logits = _logits(model, batch)[:, :-1].float().cpu()
         targets = batch["labels"][:, 1:]
         valid = targets != -100
         log_probs = torch.log_softmax(logits, -1).gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)

@@ -1,47 +1,69 @@
-"""A target task the base model does badly: generated multi-step arithmetic word problems."""
+"""Target tasks as prompt/completion examples: generated arithmetic, or the user's own file."""
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass
+from pathlib import Path
+
+from laplace_hub.errors import DataError
 
 NAMES = ["Ada", "Ben", "Chen", "Dara", "Eli", "Fay", "Gus", "Hana"]
 ITEMS = ["apples", "books", "coins", "stamps", "marbles", "pencils"]
 
 
 @dataclass(frozen=True)
-class Problem:
-    """A question and its exact answer."""
+class Example:
+    """A prompt and the exact completion expected after it."""
 
-    question: str
-    answer: str
+    prompt: str
+    completion: str
 
 
-def _problem(rng: random.Random) -> Problem:
+def _problem(rng: random.Random) -> Example:
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
     a, b, c = rng.randint(2, 40), rng.randint(2, 30), rng.randint(2, 5)
     template = rng.randrange(3)
     if template == 0:
-        return Problem(f"{name} has {a} {item} and buys {b} more. How many {item} now?", str(a + b))
-    if template == 1:
-        return Problem(
-            f"{name} has {a + b} {item} and gives away {b}. Then gets {c} times as many. How many?", str(a * c)
-        )
-    return Problem(f"{name} buys {c} boxes of {a} {item} and loses {b}. How many {item} are left?", str(c * a - b))
+        question, answer = f"{name} has {a} {item} and buys {b} more. How many {item} now?", a + b
+    elif template == 1:
+        question, answer = f"{name} has {a + b} {item}, gives away {b}, then gets {c} times as many. How many?", a * c
+    else:
+        question, answer = f"{name} buys {c} boxes of {a} {item} and loses {b}. How many {item} are left?", c * a - b
+    return Example(f"Q: {question}\nA:", f" {answer}")
 
 
-def make_splits(n_train: int, n_val: int, n_test: int, seed: int = 0) -> dict[str, list[Problem]]:
-    """Disjoint train/validation/test problems, reproducible from ``seed``."""
+def arithmetic_splits(n_train: int, n_val: int, n_test: int, seed: int = 0) -> dict[str, list[Example]]:
+    """Disjoint train/validation/test arithmetic word problems (three multi-step templates)."""
     rng = random.Random(seed)
     seen: set[str] = set()
-    problems: list[Problem] = []
-    while len(problems) < n_train + n_val + n_test:
-        p = _problem(rng)
-        if p.question not in seen:
-            seen.add(p.question)
-            problems.append(p)
+    examples: list[Example] = []
+    while len(examples) < n_train + n_val + n_test:
+        example = _problem(rng)
+        if example.prompt not in seen:
+            seen.add(example.prompt)
+            examples.append(example)
     return {
-        "train": problems[:n_train],
-        "validation": problems[n_train : n_train + n_val],
-        "test": problems[n_train + n_val :],
+        "train": examples[:n_train],
+        "validation": examples[n_train : n_train + n_val],
+        "test": examples[n_train + n_val :],
     }
+
+
+def read_examples(path: Path) -> list[Example]:
+    """Examples from a ``.jsonl`` file of ``{"prompt": ..., "completion": ...}`` records."""
+    if not path.is_file():
+        raise DataError(f"no such file: {path}")
+    examples = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            examples.append(Example(str(row["prompt"]), str(row["completion"])))
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise DataError(f"{path}:{number}: expected a JSON object with 'prompt' and 'completion'") from e
+    if not examples:
+        raise DataError(f"{path}: no examples")
+    return examples

@@ -1,0 +1,76 @@
+"""Sweep results as files a person or a script reads: CSV, JSON, a table and a Pareto plot."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from laplace_hub.errors import MissingExtraError
+
+
+def write_rows(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
+    """Every run as CSV (one row per method, strength and seed)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def write_json(data: Any, path: Path) -> None:
+    """Any JSON-able result."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def table(summary: Sequence[Mapping[str, Any]]) -> str:
+    """Test means ± standard deviations over seeds, one line per method and strength."""
+    lines = [
+        f"{'method':<10} {'λ':>7} {'seeds':>5}  {'target EM (test)':>17}  {'source NLL (test)':>18}  "
+        f"{'source acc (test)':>17}"
+    ]
+    for s in summary:
+        strength = "-" if s["method"] in ("base", "lora") else f"{s['strength']:g}"
+        lines.append(
+            f"{s['method']:<10} {strength:>7} {s['seeds']:>5}  "
+            f"{s['test_target_em']:>8.3f} ± {s['test_target_em_std']:.3f}  "
+            f"{s['test_source_nll']:>9.4f} ± {s['test_source_nll_std']:.4f}  "
+            f"{s['test_source_accuracy']:>8.4f} ± {s['test_source_accuracy_std']:.4f}"
+        )
+    return "\n".join(lines)
+
+
+def pareto_plot(summary: Sequence[Mapping[str, Any]], path: Path, title: str) -> None:
+    """Source NLL (test) against target exact match (test): one line per method, marker size by λ."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise MissingExtraError("matplotlib", "demo") from e
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for method in dict.fromkeys(s["method"] for s in summary):
+        points = sorted((s for s in summary if s["method"] == method), key=lambda s: s["strength"])
+        x = [p["test_source_nll"] for p in points]
+        y = [p["test_target_em"] for p in points]
+        sizes = [30 + 25 * math.log10(1 + p["strength"]) for p in points]
+        marker = "*" if method == "base" else "o"
+        ax.plot(x, y, "-", alpha=0.5)
+        ax.scatter(x, y, s=sizes, marker=marker, label=method)
+        for p, xi, yi in zip(points, x, y, strict=True):
+            if method not in ("base", "lora"):
+                ax.annotate(f"{p['strength']:g}", (xi, yi), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("held-out source NLL per token (test, lower = less forgetting)")
+    ax.set_ylabel("target exact match (test, higher = more learning)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

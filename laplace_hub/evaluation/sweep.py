@@ -1,0 +1,263 @@
+"""λ sweeps: fine-tune per method, strength and seed; measure learning and forgetting; choose λ.
+
+Every run is scored on validation and test data; λ is chosen on validation means only and
+reported on test means, as the LaLoRA paper does.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+import statistics
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import torch
+from tqdm.auto import tqdm
+
+from laplace_hub.artifact import Artifact
+from laplace_hub.consumers import LaplaceRegularizer, regularized_loss
+from laplace_hub.data import Batch, make_batches
+from laplace_hub.errors import DataError, LaplaceHubError
+from laplace_hub.evaluation.metrics import exact_match, example_batches, source_metrics
+from laplace_hub.evaluation.tasks import Example
+from laplace_hub.manifest import BaseModelInfo
+from laplace_hub.models import select_targets
+from laplace_hub.producers import ComputeOptions, compute_artifact
+
+METHODS = ("lora", "l2", "diag", "kron", "kron_eig", "lora_init")
+# which weight-space artifact each method reads; lora_init is the paper's LaLoRA (diag at the init)
+ARTIFACT_FOR = {"diag": "diag", "kron": "kron", "kron_eig": "kron_eig", "lora_init": "diag"}
+METRICS = ("target_em", "source_nll", "source_accuracy")
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """The grid and the fine-tuning recipe shared by every run."""
+
+    methods: tuple[str, ...] = METHODS
+    strengths: tuple[float, ...] = (10.0, 100.0, 1000.0)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    targets: str = "q_proj,v_proj"
+    lora_rank: int = 8
+    steps: int = 40
+    batch_size: int = 8
+    lr: float = 2e-3
+    eig_rank: int = 32
+
+    def check(self) -> None:
+        """Refuse unknown methods and empty grids."""
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise LaplaceHubError(f"Invalid method(s) {unknown}. Supported: {METHODS}")
+        if not self.seeds or (set(self.methods) - {"lora"} and not self.strengths):
+            raise LaplaceHubError("a sweep needs at least one seed and, for regularised methods, one strength")
+
+
+@dataclass(frozen=True)
+class SweepData:
+    """Target examples and tokenized source batches, each split three ways."""
+
+    train: list[Example]
+    validation: list[Example]
+    test: list[Example]
+    source_curvature: list[Batch]
+    source_validation: list[Batch]
+    source_test: list[Batch]
+
+
+def split_source(
+    texts: Sequence[str],
+    tokenizer: Any,
+    *,
+    curvature_batches: int,
+    eval_batches: int,
+    batch_size: int,
+    max_length: int,
+    seed: int = 0,
+) -> tuple[list[Batch], list[Batch], list[Batch]]:
+    """Source documents: the first 3/4 for the curvature, the rest halved into validation and test."""
+    cut = len(texts) * 3 // 4
+    kwargs: dict[str, Any] = dict(max_length=max_length, batch_size=batch_size, seed=seed)
+    curvature = make_batches(texts[:cut], tokenizer, num_batches=curvature_batches, **kwargs)
+    held_out = make_batches(texts[cut:], tokenizer, num_batches=2 * eval_batches, **kwargs)
+    if len(held_out) < 2:
+        raise DataError("the held-out quarter of the source data is too small to split into validation and test")
+    half = len(held_out) // 2
+    return curvature, held_out[:half], held_out[half:]
+
+
+def curvature_artifacts(model: Any, data: SweepData, cfg: SweepConfig) -> dict[str, Artifact]:
+    """The weight-space artifacts the methods need, computed once on the curvature split."""
+    options = {
+        "diag": ComputeOptions(structure="diag"),
+        "kron": ComputeOptions(structure="kron"),
+        "kron_eig": ComputeOptions(structure="kron", eig_rank=cfg.eig_rank),
+    }
+    needed = {ARTIFACT_FOR[m] for m in cfg.methods if m in ARTIFACT_FOR}
+    targets = select_targets(model, cfg.targets)
+    info = BaseModelInfo(repo_id=getattr(model.config, "name_or_path", "") or "model")
+    return {
+        name: compute_artifact(model, {"source": data.source_curvature}, targets, options[name], info)
+        for name in sorted(needed)
+    }
+
+
+def _regularizer(method: str, strength: float, model: Any, artifacts: Mapping[str, Artifact]) -> Any:
+    if method == "lora":
+        return None
+    if method == "l2":
+        return LaplaceRegularizer.identity(model, strength=strength)
+    mode = "lora_init" if method == "lora_init" else "weight"
+    return LaplaceRegularizer.from_artifact(artifacts[ARTIFACT_FOR[method]], model, strength=strength, mode=mode)
+
+
+def finetune(
+    base: Any,
+    tokenizer: Any,
+    train: Sequence[Example],
+    method: str,
+    strength: float,
+    artifacts: Mapping[str, Artifact],
+    cfg: SweepConfig,
+    seed: int,
+) -> tuple[Any, float]:
+    """LoRA fine-tuning of a copy of ``base`` with one method's penalty; returns (model, seconds)."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    config = LoraConfig(
+        r=cfg.lora_rank, lora_alpha=2 * cfg.lora_rank, target_modules=cfg.targets.split(","), lora_dropout=0.0
+    )
+    model = get_peft_model(copy.deepcopy(base), config)
+    reg = _regularizer(method, strength, model, artifacts)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
+    rng = random.Random(seed)
+    start = time.perf_counter()
+    model.train()
+    for _ in range(cfg.steps):
+        (batch,) = example_batches(rng.sample(list(train), cfg.batch_size), tokenizer, cfg.batch_size)
+        loss = regularized_loss(model(**batch).loss, reg)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    return model, time.perf_counter() - start
+
+
+def evaluate(model: Any, tokenizer: Any, data: SweepData) -> dict[str, float]:
+    """Validation and test metrics of one model."""
+    out: dict[str, float] = {}
+    for split, examples, source in (
+        ("val", data.validation, data.source_validation),
+        ("test", data.test, data.source_test),
+    ):
+        out[f"{split}_target_em"] = exact_match(model, example_batches(examples, tokenizer))
+        for key, value in source_metrics(model, source).items():
+            out[f"{split}_{key}"] = value
+    return out
+
+
+def run_sweep(
+    base: Any, tokenizer: Any, data: SweepData, cfg: SweepConfig, artifacts: Mapping[str, Artifact]
+) -> list[dict[str, Any]]:
+    """One row per run (plus the base model's row, method ``base``)."""
+    cfg.check()
+    rows: list[dict[str, Any]] = [
+        {"method": "base", "strength": 0.0, "seed": None, "seconds": 0.0, **evaluate(base, tokenizer, data)}
+    ]
+    grid = [("lora", 0.0)] if "lora" in cfg.methods else []
+    grid += [(m, s) for m in cfg.methods if m != "lora" for s in cfg.strengths]
+    runs = [(m, s, seed) for m, s in grid for seed in cfg.seeds]
+    for method, strength, seed in tqdm(runs, desc="sweep", unit="run"):
+        model, seconds = finetune(base, tokenizer, data.train, method, strength, artifacts, cfg, seed)
+        rows.append(
+            {
+                "method": method,
+                "strength": strength,
+                "seed": seed,
+                "seconds": round(seconds, 2),
+                **evaluate(model, tokenizer, data),
+            }
+        )
+    return rows
+
+
+def summarize(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Mean and standard deviation over seeds of every metric, per (method, strength)."""
+    groups: dict[tuple[str, float], list[Mapping[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["method"], row["strength"]), []).append(row)
+    summary = []
+    for (method, strength), members in groups.items():
+        entry: dict[str, Any] = {"method": method, "strength": strength, "seeds": len(members)}
+        for split in ("val", "test"):
+            for metric in METRICS:
+                values = [m[f"{split}_{metric}"] for m in members]
+                entry[f"{split}_{metric}"] = statistics.fmean(values)
+                entry[f"{split}_{metric}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        entry["seconds"] = statistics.fmean(m["seconds"] for m in members)
+        summary.append(entry)
+    return summary
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The strength chosen for one method on validation data, and how it fares on test data."""
+
+    method: str
+    strength: float
+    test_target_em: float
+    test_source_nll: float
+    forgetting_removed: float | None
+    matched: bool
+    verdict: str
+
+
+def choose(
+    summary: Sequence[Mapping[str, Any]],
+    priority: Literal["retention", "learning"] = "retention",
+    tolerance: float = 0.01,
+    budget: float | None = None,
+) -> list[Choice]:
+    """Pick λ per method on validation means.
+
+    * ``retention``: the lowest validation source NLL among strengths whose validation target
+      exact match is within ``tolerance`` of plain LoRA's (matched learning).
+    * ``learning``: the best validation target exact match among strengths whose validation source
+      NLL rises by at most ``budget`` over the base model.
+    """
+    by = {(s["method"], s["strength"]): s for s in summary}
+    base, lora = by.get(("base", 0.0)), by.get(("lora", 0.0))
+    if base is None or lora is None:
+        raise LaplaceHubError("choosing λ needs the base model's and plain LoRA's rows")
+    lora_rise = lora["test_source_nll"] - base["test_source_nll"]
+    choices = []
+    for method in dict.fromkeys(s["method"] for s in summary if s["method"] not in ("base", "lora")):
+        candidates = [s for s in summary if s["method"] == method]
+        if priority == "retention":
+            ok = [s for s in candidates if s["val_target_em"] >= lora["val_target_em"] - tolerance] or candidates
+            best = min(ok, key=lambda s: s["val_source_nll"])
+        else:
+            limit = base["val_source_nll"] + (budget if budget is not None else lora_rise / 2)
+            ok = [s for s in candidates if s["val_source_nll"] <= limit] or candidates
+            best = max(ok, key=lambda s: s["val_target_em"])
+        rise = best["test_source_nll"] - base["test_source_nll"]
+        removed = 1 - rise / lora_rise if lora_rise > 0 else None
+        matched = best["test_target_em"] >= lora["test_target_em"] - tolerance
+        verdict = (
+            f"λ={best['strength']:g}: test EM {best['test_target_em']:.3f} vs LoRA {lora['test_target_em']:.3f}"
+            f" ({'matched' if matched else 'NOT matched'}), source NLL rise {rise:+.4f} vs LoRA "
+            f"{lora_rise:+.4f}" + (f" ({removed:.0%} of LoRA's forgetting removed)" if removed is not None else "")
+        )
+        choices.append(
+            Choice(method, best["strength"], best["test_target_em"], best["test_source_nll"], removed, matched, verdict)
+        )
+    return choices
+
+
+def choices_json(choices: Sequence[Choice]) -> list[dict[str, Any]]:
+    """Choices as JSON data."""
+    return [asdict(c) for c in choices]
