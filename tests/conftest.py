@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import os
+
+# Nothing in a test process may reach the real Hub: a dead local endpoint unless a test names one.
+os.environ.setdefault("HF_ENDPOINT", "http://127.0.0.1:9")
+os.environ.setdefault("HF_HUB_DISABLE_XET", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 import subprocess
 import sys
 from pathlib import Path

@@ -59,6 +59,22 @@ class Artifact:
         self.manifest = manifest
         self._tensors = tensors
         self.path = path
+        self.origin: Any = None  # set by a pull: repo, resolved commit sha, subfolder
+
+    @classmethod
+    def from_pretrained(cls, repo_id: str, **kwargs: Any) -> Artifact:
+        """Pull an artifact from a hub (``laplace_hub.hub.pull``; same keyword arguments)."""
+        from laplace_hub.hub import pull
+
+        return pull(repo_id, **kwargs)
+
+    def push_to_hub(self, repo_id: str, **kwargs: Any) -> Any:
+        """Publish this artifact (saved on disk) as one commit (``laplace_hub.hub.push``)."""
+        from laplace_hub.hub import push
+
+        if self.path is None:
+            raise ArtifactError("save the artifact to a folder before pushing it")
+        return push(self.path, repo_id, **kwargs)
 
     @classmethod
     def open(cls, path: str | Path, *, verify_checksums: bool = False) -> Artifact:

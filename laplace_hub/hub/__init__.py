@@ -1,0 +1,7 @@
+"""The hub layer: push, pull and find artifacts on the Hugging Face Hub or a local folder hub."""
+
+from laplace_hub.hub.find import FoundArtifact, find
+from laplace_hub.hub.pull import Origin, pull, split_repo_revision
+from laplace_hub.hub.push import PushResult, push
+
+__all__ = ["FoundArtifact", "Origin", "PushResult", "find", "pull", "push", "split_repo_revision"]

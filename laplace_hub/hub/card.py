@@ -1,0 +1,76 @@
+"""The model card pushed with an artifact: Hub metadata that links it to its base model, and how to use it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+from laplace_hub.artifact import Artifact
+from laplace_hub.manifest import LoraParameterization
+
+
+def card_metadata(artifact: Artifact) -> dict[str, Any]:
+    """YAML metadata: ``library_name``, ``base_model`` (so the Hub links them), tags, a summary block."""
+    m = artifact.manifest
+    structures = sorted({b.structure for module in m.modules.values() for b in module.blocks})
+    space = "lora-space" if isinstance(m.parameterization, LoraParameterization) else "weight-space"
+    metadata: dict[str, Any] = {
+        "library_name": "laplace-hub",
+        "base_model": m.base_model.repo_id,
+        "tags": ["laplace-hub", "laplace-approximation", "lalora", *structures, space],
+        "laplace_hub": {
+            "spec_version": m.spec_version,
+            "structures": structures,
+            "parameterization": m.parameterization.kind,
+            "estimator": m.estimator.kind,
+            "normalization": m.normalization,
+            "modules": len(m.modules),
+            "total_bytes": artifact.nbytes(),
+            "datasets": [{"name": d.name, "sequences": d.sequences, "tokens": d.tokens} for d in m.datasets],
+        },
+    }
+    if m.license:
+        metadata["license"] = m.license
+    return metadata
+
+
+def build_card(artifact: Artifact, repo_id: str, subfolder: str = "") -> str:
+    """The whole ``README.md``: YAML front matter and a human summary with the exact usage lines."""
+    meta = card_metadata(artifact)
+    info = meta["laplace_hub"]
+    m = artifact.manifest
+    datasets = "\n".join(
+        f"| {d.name} | {d.sequences} | {d.tokens} | {d.batches} | {d.source or ''} |" for d in m.datasets
+    )
+    pull_args = f'"{repo_id}"' + (f', subfolder="{subfolder}"' if subfolder else "")
+    cli_args = repo_id + (f" --subfolder {subfolder}" if subfolder else "")
+    return f"""---
+{yaml.safe_dump(meta, sort_keys=False).strip()}
+---
+
+# Laplace curvature for [{m.base_model.repo_id}](https://huggingface.co/{m.base_model.repo_id})
+
+A [laplace-hub](https://github.com/laplace-hub/laplace-hub) artifact (spec {m.spec_version}): a
+{info["parameterization"]}-space Laplace approximation ({", ".join(info["structures"])}) of the base
+model's source loss over {info["modules"]} linear modules, {info["total_bytes"] / 2**20:.1f} MiB. Estimator
+`{m.estimator.kind}`, normalisation `{m.normalization}` (the penalty strength λ counts source
+{"sequences" if m.normalization == "per_sequence" else "tokens"}).
+
+| dataset | sequences | tokens | batches | source |
+|---|---|---|---|---|
+{datasets}
+
+## Use it to fine-tune with less forgetting (LaLoRA)
+
+```python
+from laplace_hub import Artifact
+from laplace_hub.consumers import LaplaceRegularizer
+
+artifact = Artifact.from_pretrained({pull_args})
+regularizer = LaplaceRegularizer.from_artifact(artifact, peft_model, strength=100.0)
+loss = task_loss + regularizer()
+```
+
+or `laplace-hub pull {cli_args}`, then `laplace-hub inspect` / `laplace-hub validate` on the folder it prints.
+"""
