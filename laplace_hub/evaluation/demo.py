@@ -6,7 +6,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from laplace_hub.artifact import Artifact
 from laplace_hub.data import Batch, pydoc_texts
 from laplace_hub.errors import ArtifactError
 from laplace_hub.evaluation.report import pareto_plot, table, write_json, write_rows
@@ -20,6 +19,7 @@ from laplace_hub.evaluation.sweep import (
     summarize,
 )
 from laplace_hub.evaluation.tasks import arithmetic_splits
+from laplace_hub.hub import pull, push
 from laplace_hub.manifest import BaseModelInfo
 from laplace_hub.models import SMOLLM2_REPO_ID, load_model, select_targets
 from laplace_hub.producers import ComputeOptions, compute_artifact
@@ -44,8 +44,8 @@ class DemoConfig:
     seed: int = 0
 
 
-def publish(model: Any, curvature: list[Batch], cfg: DemoConfig) -> Path:
-    """The publisher: K-FAC on the target modules, validated, written to the local hub folder."""
+def publish(model: Any, curvature: list[Batch], cfg: DemoConfig) -> str:
+    """The publisher: K-FAC on the target modules, validated, pushed into the model's repo on a local hub."""
     artifact = compute_artifact(
         model,
         {"pydoc": curvature},
@@ -54,12 +54,12 @@ def publish(model: Any, curvature: list[Batch], cfg: DemoConfig) -> Path:
         BaseModelInfo(repo_id=SMOLLM2_REPO_ID),
         sources={"pydoc": "stdlib:pydoc (first 3/4 of the topics)"},
     )
-    folder = cfg.out / "hub" / SMOLLM2_REPO_ID.replace("/", "--") / "laplace"
+    folder = cfg.out / "artifact"
     artifact.save(folder, overwrite=True)
     report = validate(folder)
     if not report.valid:
         raise ArtifactError(f"the demo's own artifact is invalid: {report.errors[0].line()}")
-    return folder
+    return push(folder, SMOLLM2_REPO_ID, hub=cfg.out / "hub", path_in_repo="laplace", create_repo=True).commit_url
 
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
@@ -75,10 +75,13 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         seed=cfg.seed,
     )
     print(f"[publisher] K-FAC on {cfg.sweep.targets} of all layers, {len(curvature)} batches of pydoc text")
-    folder = publish(model, curvature, cfg)
-    print(f"[publisher] published a valid artifact to {folder}")
-    pulled = Artifact.open(folder, verify_checksums=True)
-    print(f"[fine-tuner] pulled it (checksums verified): {len(pulled.manifest.modules)} modules")
+    url = publish(model, curvature, cfg)
+    print(f"[publisher] validated and pushed to the local hub: {url}")
+    pulled = pull(SMOLLM2_REPO_ID, subfolder="laplace", hub=cfg.out / "hub", local_dir=cfg.out / "pulled")
+    print(
+        f"[fine-tuner] pulled {SMOLLM2_REPO_ID} --subfolder laplace (checksums verified): "
+        f"{len(pulled.manifest.modules)} modules"
+    )
     splits = arithmetic_splits(cfg.n_train, cfg.n_val, cfg.n_test, seed=cfg.seed)
     data = SweepData(splits["train"], splits["validation"], splits["test"], curvature, source_val, source_test)
     rows = run_sweep(model, tokenizer, data, cfg.sweep, {"kron": pulled})
@@ -86,7 +89,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     choices = choose(summary, "retention")
     write_rows(rows, cfg.out / "runs.csv")
     pareto_plot(summary, cfg.out / "pareto.png", "SmolLM2-135M: LoRA vs weight-space LaLoRA (K-FAC)")
-    result = {"summary": summary, "choices": choices_json(choices), "artifact": str(folder)}
+    result = {"summary": summary, "choices": choices_json(choices), "artifact": url}
     write_json(result, cfg.out / "demo.json")
     return result
 

@@ -125,3 +125,13 @@ def test_torchrun_two_processes_equal_one(tmp_path: Path) -> None:
             mine, theirs = getattr(a.block(name), side).dense(), getattr(b.block(name), side).dense()
             # float32 sums in another order (and torchrun's one thread per process): compare in norm
             assert float((mine - theirs).norm() / theirs.norm()) < 1e-5, (name, side)
+
+
+def test_shortened_demo_end_to_end(tmp_path: Path) -> None:
+    result = run_cli("demo", "--steps", "2", "--seeds", "0", "--strengths", "10", "--out", str(tmp_path), "--json")
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout)
+    assert [c["method"] for c in report["choices"]] == ["kron"]
+    assert {s["method"] for s in report["summary"]} == {"base", "lora", "kron"}
+    assert (tmp_path / "pareto.png").stat().st_size > 10_000 and (tmp_path / "runs.csv").is_file()
+    assert (tmp_path / "hub" / "HuggingFaceTB" / "SmolLM2-135M-Instruct" / "laplace" / "README.md").is_file()
