@@ -7,7 +7,7 @@ import logging
 from collections.abc import Hashable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -165,6 +165,16 @@ class LaplaceRegularizer(nn.Module):
                 block = block.project_lora(a0, b0, m.scaling, cross=cross)
             blocks.append(block)
         return cls(modules, blocks, strength, mode)
+
+    @classmethod
+    def from_pretrained(
+        cls, repo_id: str, *, model: nn.Module, strength: float, mode: Mode = "weight", **pull_kwargs: Any
+    ) -> LaplaceRegularizer:
+        """The fine-tuner's one-liner: pull an artifact by repo id and build the regularizer for ``model``.
+
+        ``pull_kwargs`` (``revision``, ``subfolder``, ``hub``, …) are those of :func:`laplace_hub.hub.pull`.
+        """
+        return cls.from_artifact(Artifact.from_pretrained(repo_id, **pull_kwargs), model, strength=strength, mode=mode)
 
     @classmethod
     def identity(

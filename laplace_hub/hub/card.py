@@ -51,7 +51,7 @@ def build_card(artifact: Artifact, repo_id: str, subfolder: str = "") -> str:
 
 # Laplace curvature for [{m.base_model.repo_id}](https://huggingface.co/{m.base_model.repo_id})
 
-A [laplace-hub](https://github.com/laplace-hub/laplace-hub) artifact (spec {m.spec_version}): a
+A laplace-hub curvature artifact (format spec {m.spec_version}): a
 {info["parameterization"]}-space Laplace approximation ({", ".join(info["structures"])}) of the base
 model's source loss over {info["modules"]} linear modules, {info["total_bytes"] / 2**20:.1f} MiB. Estimator
 `{m.estimator.kind}`, normalisation `{m.normalization}` (the penalty strength λ counts source
@@ -64,11 +64,9 @@ model's source loss over {info["modules"]} linear modules, {info["total_bytes"] 
 ## Use it to fine-tune with less forgetting (LaLoRA)
 
 ```python
-from laplace_hub import Artifact
 from laplace_hub.consumers import LaplaceRegularizer
 
-artifact = Artifact.from_pretrained({pull_args})
-regularizer = LaplaceRegularizer.from_artifact(artifact, peft_model, strength=100.0)
+regularizer = LaplaceRegularizer.from_pretrained({pull_args}, model=peft_model, strength=100.0)
 loss = task_loss + regularizer()
 ```
 

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from laplace_hub.artifact import Artifact, ArtifactBuilder
+from laplace_hub.artifact.store import tensor_dtype
 from laplace_hub.curvature import Block, DenseFactor, DiagBlock, Factor, KronBlock, LoraPairBlock
 from laplace_hub.errors import DataError, LaplaceHubError
 from laplace_hub.fingerprint import fingerprint_weights
@@ -49,6 +50,11 @@ class ComputeOptions:
     accumulate_dtype: torch.dtype = torch.float32
     packed: bool = False
     license: str | None = None
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The accumulation dtype, never below the stored one (a float64 artifact is computed in float64)."""
+        return torch.promote_types(self.accumulate_dtype, tensor_dtype(self.dtype))
 
     def check(self) -> None:
         """Refuse combinations the spec or the estimators do not define."""
@@ -167,7 +173,7 @@ def _blocks(
         kron = KronBlock(inputs[owner], output.compress(options.eig_rank) if options.eig_rank else output)
         if name in inits:
             init = inits[name]
-            a, b = init.a.to(options.accumulate_dtype), init.b.to(options.accumulate_dtype)
+            a, b = init.a.to(options.compute_dtype), init.b.to(options.compute_dtype)
             blocks[name] = kron.project_lora(a, b, init.scaling, cross=options.structure == "kron_tridiag")
         else:
             blocks[name] = kron
@@ -220,7 +226,7 @@ def compute_artifact(
                 options.kfac_approx,
                 batch_gradient=options.estimator == "batch_empirical",
                 lora=inits if options.structure == "diag" else {},
-                dtype=options.accumulate_dtype,
+                dtype=options.compute_dtype,
             )
             acc.attach()
             per_name = {}

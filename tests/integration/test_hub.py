@@ -82,7 +82,7 @@ def test_push_then_pull_by_branch_and_sha_bit_identical(server: HubServer, tmp_p
     assert cold.returncode == 1 and "not in the cache" in cold.stderr
     card = server.state.blobs[server.state.repos["me/curv"].commits[sha].files["README.md"].sha256].decode()
     assert "library_name: laplace-hub" in card and "base_model: example/model" in card
-    assert 'Artifact.from_pretrained("me/curv")' in card
+    assert 'LaplaceRegularizer.from_pretrained("me/curv", model=peft_model' in card
 
 
 def test_push_into_subfolder_of_a_model_repo_keeps_its_files(server: HubServer, tmp_path: Path) -> None:
@@ -246,3 +246,26 @@ def test_local_folder_hub_push_pull_find(tmp_path: Path) -> None:
     assert [(f.repo_id, f.subfolder) for f in find("example/model", hub=hub)] == [("me/curv", "")]
     with pytest.raises(HubError, match="invalid repo id"):
         pull("../../etc", hub=hub)
+
+
+def test_one_liner_from_repo_id_to_regularizer(tmp_path: Path) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    from laplace_hub.consumers import LaplaceRegularizer
+    from laplace_hub.data import pad_batch
+    from laplace_hub.manifest import BaseModelInfo
+    from laplace_hub.models import select_targets
+    from laplace_hub.producers import ComputeOptions, compute_artifact
+    from tests.conftest import tiny_llama
+
+    base = tiny_llama()
+    batches = [pad_batch([[1, 2, 3, 4], [5, 6, 7]], 0)]
+    artifact = compute_artifact(base, {"s": batches}, select_targets(base, "q_proj"), ComputeOptions(dtype="float64"),
+                                BaseModelInfo(repo_id="tiny/base"))
+    artifact.save(tmp_path / "a")
+    Artifact.open(tmp_path / "a").push_to_hub("tiny/base", hub=tmp_path / "hub", path_in_repo="laplace",
+                                              create_repo=True)
+    model = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"]))
+    reg = LaplaceRegularizer.from_pretrained("tiny/base", model=model, strength=1.0, subfolder="laplace",
+                                             hub=tmp_path / "hub")
+    assert float(reg()) == 0.0 and len(reg.state_dict()) == 0
