@@ -97,6 +97,16 @@ def main() -> None:
         f"training step on {tokens} tokens: {step_s:.3f} s (median of {args.repeats})"
     )
     print(f"{'penalty':<26} {'fwd+bwd ms':>11} {'/ step':>8}")
+    from laplace_hub.consumers import MaskTheTarget
+
+    mask_the_target = MaskTheTarget(model, strength=1.0)
+    logits = model(**batch).logits
+
+    def mtt() -> None:
+        torch.autograd.grad(mask_the_target(batch, logits), params, retain_graph=True, allow_unused=True)
+
+    seconds = median_time(mtt, args.repeats)
+    print(f"{'mask-the-target':<26} {seconds * 1e3:>11.2f} {seconds / step_s:>8.2%}  (one no-grad base forward)")
     for name, reg in regularizers.items():
 
         def penalty(reg: LaplaceRegularizer = reg) -> None:

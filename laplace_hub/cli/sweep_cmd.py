@@ -48,7 +48,12 @@ def register(sub: Any) -> None:
         metavar="STRUCTURE=DIR",
         help="use this artifact for diag, kron or kron_eig instead of computing it",
     )
-    p.add_argument("--methods", default="lora,l2,diag,kron,kron_eig,lora_init")
+    p.add_argument(
+        "--methods",
+        default="lora,l2,diag,kron,kron_eig,lora_init,mtt",
+        help="lora (none), l2, diag, kron, kron_eig (weight-space LaLoRA), lora_init (the paper's), "
+        "mtt (Mask-the-Target)",
+    )
     p.add_argument("--strengths", default="10,100,1000")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--steps", type=int, default=40)

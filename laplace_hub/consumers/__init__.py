@@ -1,5 +1,6 @@
 """Consumers: a LaLoRA regularizer from an artifact, and its place in training loops."""
 
+from laplace_hub.consumers.mask_the_target import MaskTheTarget
 from laplace_hub.consumers.regularizer import LaplaceRegularizer, adapted_modules, apply_lora_init
 from laplace_hub.consumers.training import (
     LaplaceTrainerMixin,
@@ -11,6 +12,7 @@ from laplace_hub.consumers.training import (
 __all__ = [
     "LaplaceRegularizer",
     "LaplaceTrainerMixin",
+    "MaskTheTarget",
     "adapted_modules",
     "apply_lora_init",
     "laplace_sft_trainer_class",

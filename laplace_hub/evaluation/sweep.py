@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from laplace_hub.artifact import Artifact
-from laplace_hub.consumers import LaplaceRegularizer, regularized_loss
+from laplace_hub.consumers import LaplaceRegularizer, MaskTheTarget, regularized_loss
 from laplace_hub.data import Batch, make_batches
 from laplace_hub.errors import DataError, LaplaceHubError
 from laplace_hub.evaluation.metrics import exact_match, example_batches, source_metrics
@@ -27,7 +27,7 @@ from laplace_hub.manifest import BaseModelInfo
 from laplace_hub.models import select_targets
 from laplace_hub.producers import ComputeOptions, compute_artifact
 
-METHODS = ("lora", "l2", "diag", "kron", "kron_eig", "lora_init")
+METHODS = ("lora", "l2", "diag", "kron", "kron_eig", "lora_init", "mtt")
 # which weight-space artifact each method reads; lora_init is the paper's LaLoRA (diag at the init)
 ARTIFACT_FOR = {"diag": "diag", "kron": "kron", "kron_eig": "kron_eig", "lora_init": "diag"}
 METRICS = ("target_em", "source_nll", "source_accuracy")
@@ -106,7 +106,7 @@ def curvature_artifacts(model: Any, data: SweepData, cfg: SweepConfig) -> dict[s
 
 
 def _regularizer(method: str, strength: float, model: Any, artifacts: Mapping[str, Artifact]) -> Any:
-    if method == "lora":
+    if method in ("lora", "mtt"):
         return None
     if method == "l2":
         return LaplaceRegularizer.identity(model, strength=strength)
@@ -133,13 +133,17 @@ def finetune(
     )
     model = get_peft_model(copy.deepcopy(base), config)
     reg = _regularizer(method, strength, model, artifacts)
+    mask_the_target = MaskTheTarget(model, strength) if method == "mtt" else None
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
     rng = random.Random(seed)
     start = time.perf_counter()
     model.train()
     for _ in range(cfg.steps):
         (batch,) = example_batches(rng.sample(list(train), cfg.batch_size), tokenizer, cfg.batch_size)
-        loss = regularized_loss(model(**batch).loss, reg)
+        output = model(**batch)
+        loss = regularized_loss(output.loss, reg)
+        if mask_the_target is not None:
+            loss = loss + mask_the_target(batch, output.logits)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

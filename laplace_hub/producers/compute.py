@@ -24,6 +24,7 @@ from laplace_hub.manifest import (
     LoraParameterization,
     WeightParameterization,
 )
+from laplace_hub.numerics import at_least_float32
 from laplace_hub.producers.accumulate import CurvatureAccumulator, LoraInit
 from laplace_hub.producers.distributed import all_reduce_sums, rank_and_world
 
@@ -111,8 +112,7 @@ def _backward_batch(
     mask[:, :-1] = valid
     acc.new_batch(mask)
     logits = model(input_ids=input_ids, attention_mask=batch["attention_mask"].to(device)).logits[:, :-1]
-    # at least float32 (bf16 models), never below the model's own precision (float64 tests)
-    log_probs = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), -1)
+    log_probs = torch.log_softmax(at_least_float32(logits), -1)
     draws = options.mc_samples if options.estimator == "mc" else 1
     for draw in range(draws):
         y = _sample_labels(logits.detach(), valid, gen) if options.estimator == "mc" else targets

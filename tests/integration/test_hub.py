@@ -260,12 +260,19 @@ def test_one_liner_from_repo_id_to_regularizer(tmp_path: Path) -> None:
 
     base = tiny_llama()
     batches = [pad_batch([[1, 2, 3, 4], [5, 6, 7]], 0)]
-    artifact = compute_artifact(base, {"s": batches}, select_targets(base, "q_proj"), ComputeOptions(dtype="float64"),
-                                BaseModelInfo(repo_id="tiny/base"))
+    artifact = compute_artifact(
+        base,
+        {"s": batches},
+        select_targets(base, "q_proj"),
+        ComputeOptions(dtype="float64"),
+        BaseModelInfo(repo_id="tiny/base"),
+    )
     artifact.save(tmp_path / "a")
-    Artifact.open(tmp_path / "a").push_to_hub("tiny/base", hub=tmp_path / "hub", path_in_repo="laplace",
-                                              create_repo=True)
+    Artifact.open(tmp_path / "a").push_to_hub(
+        "tiny/base", hub=tmp_path / "hub", path_in_repo="laplace", create_repo=True
+    )
     model = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"]))
-    reg = LaplaceRegularizer.from_pretrained("tiny/base", model=model, strength=1.0, subfolder="laplace",
-                                             hub=tmp_path / "hub")
+    reg = LaplaceRegularizer.from_pretrained(
+        "tiny/base", model=model, strength=1.0, subfolder="laplace", hub=tmp_path / "hub"
+    )
     assert float(reg()) == 0.0 and len(reg.state_dict()) == 0
