@@ -5,13 +5,14 @@ from __future__ import annotations
 import hashlib
 import struct
 from collections.abc import Mapping
+from typing import Literal
 
 import torch
 from torch import Tensor
 
 from laplace_hub.manifest import Fingerprint
 
-ALGORITHM = "sha256-f32-v1"
+ALGORITHM: Literal["sha256-f32-v1"] = "sha256-f32-v1"
 
 
 def fingerprint_weights(weights: Mapping[str, Tensor]) -> Fingerprint:

@@ -18,7 +18,7 @@ from pydantic import ValidationError as _PydanticValidationError
 
 from laplace_hub.errors import ManifestError, UnsupportedVersionError
 
-FORMAT_NAME = "laplace-hub"
+FORMAT_NAME: Literal["laplace-hub"] = "laplace-hub"
 SPEC_VERSION = "1.0"
 MANIFEST_NAME = "laplace.json"
 SINGLE_FILE_NAME = "laplace.safetensors"

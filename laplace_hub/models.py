@@ -61,7 +61,7 @@ def select_targets(model: nn.Module, patterns: str | list[str]) -> dict[str, nn.
     names = [p.strip() for p in (patterns.split(",") if isinstance(patterns, str) else patterns) if p.strip()]
     linear = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     if names == ["all-linear"]:
-        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        head = getattr(model, "get_output_embeddings", lambda: None)()
         return {n: m for n, m in linear.items() if m is not head}
     chosen = {n: m for n, m in linear.items() if any(_matches(n, p) for p in names)}
     unmatched = [p for p in names if not any(_matches(n, p) for n in chosen)]

@@ -4,4 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh .venv-test dev
 .venv-test/bin/ruff check .
+.venv-test/bin/mypy laplace_hub
 .venv-test/bin/python -m pytest -q "$@"

@@ -69,7 +69,7 @@ class BlockEncoder:
             eigenvalues=self._store(f"{key}.eigenvalues", factor.eigenvalues),
             eigenvectors=self._store(f"{key}.eigenvectors", factor.eigenvectors),
             rank=int(factor.eigenvalues.shape[0]),
-            tail=factor.tail,
+            tail=float(factor.tail),
         )
         self._refs[id(factor)] = (factor, ref)
         return ref

@@ -52,7 +52,7 @@ class MaskTheTarget(nn.Module):
 
     def forward(self, batch: Mapping[str, Any], logits: Tensor) -> Tensor:
         """The penalty for one batch, given the adapted model's logits on it."""
-        model = self._model[0]
+        model: Any = self._model[0]
         with torch.no_grad(), model.disable_adapter():
             base_logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
         return self.strength * mask_the_target_kl(base_logits, logits, batch["labels"])

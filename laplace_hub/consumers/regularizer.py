@@ -47,7 +47,7 @@ class AdaptedModule:
 
     @property
     def base_weight(self) -> Tensor:
-        return self.layer.base_layer.weight  # type: ignore[union-attr,no-any-return]
+        return self.layer.base_layer.weight  # type: ignore[union-attr,no-any-return,return-value]
 
 
 def adapted_modules(model: nn.Module, adapter: str = "default") -> Iterator[AdaptedModule]:
@@ -183,8 +183,7 @@ class LaplaceRegularizer(nn.Module):
         """The L2 baseline with the same interface: ``P = I`` on ``Δ`` (weight) or on the factors."""
         modules = list(adapted_modules(model, adapter))
         blocks = [
-            _identity_pair(m) if mode == "lora_init" else identity_block(*m.base_weight.shape, m.lora_a.device)
-            for m in modules
+            _identity_pair(m) if mode == "lora_init" else identity_block(*_dims(m), m.lora_a.device) for m in modules
         ]
         return cls(modules, blocks, strength, mode)
 
@@ -237,8 +236,13 @@ class LaplaceRegularizer(nn.Module):
 
 
 def _identity_pair(m: AdaptedModule) -> Block:
-    r, (d_out, d_in) = m.lora_a.shape[0], m.base_weight.shape
+    r, (d_out, d_in) = m.lora_a.shape[0], _dims(m)
     return LoraPairBlock(identity_block(r, d_in, m.lora_a.device), identity_block(d_out, r, m.lora_a.device))
+
+
+def _dims(m: AdaptedModule) -> tuple[int, int]:
+    d_out, d_in = m.base_weight.shape
+    return int(d_out), int(d_in)
 
 
 def _check_init(artifact: Artifact, m: AdaptedModule) -> None:

@@ -110,7 +110,7 @@ def _regularizer(method: str, strength: float, model: Any, artifacts: Mapping[st
         return None
     if method == "l2":
         return LaplaceRegularizer.identity(model, strength=strength)
-    mode = "lora_init" if method == "lora_init" else "weight"
+    mode: Literal["weight", "lora_init"] = "lora_init" if method == "lora_init" else "weight"
     return LaplaceRegularizer.from_artifact(artifacts[ARTIFACT_FOR[method]], model, strength=strength, mode=mode)
 
 

@@ -19,7 +19,7 @@ class FoundArtifact:
 
     repo_id: str
     subfolder: str
-    structures: list[str]
+    structures: list[Any]
     parameterization: str
     total_bytes: int
     last_modified: str | None
@@ -78,7 +78,8 @@ def _find_remote(base_model: str, endpoint: str | None, token: str | bool | None
             except RepositoryNotFoundError:
                 continue
             modified = info.last_modified.isoformat() if info.last_modified else None
-            for path in sorted(s.rfilename for s in info.siblings or [] if s.rfilename.endswith(MANIFEST_NAME)):
+            siblings = getattr(info, "siblings", None) or []
+            for path in sorted(s.rfilename for s in siblings if s.rfilename.endswith(MANIFEST_NAME)):
                 local = hf_hub_download(repo_id, path, revision=info.sha, endpoint=endpoint, token=token)
                 raw = json.loads(Path(local).read_text())
                 if raw.get("base_model", {}).get("repo_id") == base_model:

@@ -6,6 +6,7 @@ import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from laplace_hub.artifact import Artifact
 from laplace_hub.errors import HubError, MissingExtraError
@@ -148,7 +149,9 @@ def _push_remote(
         raise MissingExtraError("huggingface-hub", "hf") from e
     api = HfApi(endpoint=endpoint, token=token)
     prefix = f"{sub}/" if sub else ""
-    operations = [CommitOperationAdd(f"{prefix}{name}", str(folder / name)) for name in _artifact_files(artifact)]
+    operations: list[Any] = [
+        CommitOperationAdd(f"{prefix}{name}", str(folder / name)) for name in _artifact_files(artifact)
+    ]
     operations.append(CommitOperationAdd(f"{prefix}{CARD_NAME}", card.encode()))
     try:
         if create_repo:

@@ -160,8 +160,9 @@ def _blocks(
     for name in acc.modules:
         if options.structure == "diag":
             if name in inits:
-                pair = (DiagBlock(acc.sums[(name, p)] * out_scale) for p in ("lora_A", "lora_B"))
-                blocks[name] = LoraPairBlock(*pair)
+                blocks[name] = LoraPairBlock(
+                    DiagBlock(acc.sums[(name, "lora_A")] * out_scale), DiagBlock(acc.sums[(name, "lora_B")] * out_scale)
+                )
             else:
                 blocks[name] = DiagBlock(acc.sums[(name, "weight")] * out_scale)
             continue
@@ -240,8 +241,9 @@ def compute_artifact(
             total = _Counts(*(sum(getattr(c, f) for c in counts.values()) for f in ("sequences", "tokens", "batches")))
             if total.tokens == 0:
                 raise DataError(f"dataset(s) {', '.join(names)} hold no labelled tokens")
-            for module, block in _blocks(acc, total, options, inits).items():
-                builder.add(module, tuple(targets[module].weight.shape), block, group)  # type: ignore[arg-type]
+            for target, block in _blocks(acc, total, options, inits).items():
+                d_out, d_in = targets[target].weight.shape
+                builder.add(target, (int(d_out), int(d_in)), block, group)
             infos += [
                 DatasetInfo(
                     name=n, sequences=c.sequences, tokens=c.tokens, batches=c.batches, source=(sources or {}).get(n)

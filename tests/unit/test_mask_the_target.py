@@ -78,6 +78,14 @@ def test_sweep_runs_mask_the_target() -> None:
             return {"input_ids": [2 + (sum(map(ord, w)) % 21) for w in text.split()]}
 
     train = [Example(f"q {i}", f" a{i}") for i in range(8)]
-    model, seconds = finetune(tiny_llama().float(), Words(), train, "mtt", 1.0, {}, SweepConfig(steps=2, batch_size=4,
-                              targets="q_proj"), seed=0)
+    model, seconds = finetune(
+        tiny_llama().float(),
+        Words(),
+        train,
+        "mtt",
+        1.0,
+        {},
+        SweepConfig(steps=2, batch_size=4, targets="q_proj"),
+        seed=0,
+    )
     assert seconds > 0 and any("lora_B" in n for n, _ in model.named_parameters())
