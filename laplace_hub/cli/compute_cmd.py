@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from laplace_hub.cli._common import add_command, human_bytes, print_json
 from laplace_hub.data import DatasetSpec, make_batches, pydoc_texts, read_texts
-from laplace_hub.errors import DataError
+from laplace_hub.errors import DataError, LaplaceHubError
 from laplace_hub.manifest import BaseModelInfo
 from laplace_hub.models import SMOLLM2_REPO_ID, load_model, select_targets
 from laplace_hub.producers import ComputeOptions, compute_artifact
@@ -89,21 +90,29 @@ def load_texts(spec: DatasetSpec, model: Any, tokenizer: Any, *, max_length: int
     if source == "stdlib:pydoc":
         return pydoc_texts()
     if source.startswith("self:"):
-        try:
-            count = int(source.removeprefix("self:"))
-        except ValueError:
-            raise DataError(f"--data {source!r}: expected self:N with N a whole number") from None
-        return sample_texts(model, tokenizer, count, max_new_tokens=max_length, seed=seed)
+        check_source(spec)
+        return sample_texts(model, tokenizer, int(source.removeprefix("self:")), max_new_tokens=max_length, seed=seed)
     return read_texts(spec.path, tokenizer=tokenizer)
 
 
+def check_source(spec: DatasetSpec) -> None:
+    """Refuse a missing file or a malformed ``self:N`` before any model is loaded."""
+    source = str(spec.path)
+    if source == "stdlib:pydoc":
+        return
+    if source.startswith("self:"):
+        if not source.removeprefix("self:").isdigit():
+            raise DataError(f"--data {source!r}: expected self:N with N a whole number")
+        return
+    if not spec.path.exists():
+        raise DataError(f"no such file or folder: {spec.path}")
+
+
 def run(args: argparse.Namespace) -> int:
-    """Load, compute, write, validate."""
+    """Check everything that can be checked cheaply, then load, compute, write, validate."""
     specs = [DatasetSpec.parse(d) for d in args.data]
-    init_from_env()
-    model, tokenizer = load_model(
-        args.model, gguf_file=args.gguf_file, dtype=getattr(torch, args.model_dtype), device_map=args.device_map
-    )
+    for spec in specs:
+        check_source(spec)
     options = ComputeOptions(
         structure=args.structure,
         estimator=args.estimator,
@@ -122,6 +131,12 @@ def run(args: argparse.Namespace) -> int:
         accumulate_dtype=torch.float64 if args.float64 else torch.float32,
     )
     options.check()
+    if Path(args.out).exists() and not args.overwrite:
+        raise LaplaceHubError(f"{args.out} already exists; pass --overwrite to replace it")
+    init_from_env()
+    model, tokenizer = load_model(
+        args.model, gguf_file=args.gguf_file, dtype=getattr(torch, args.model_dtype), device_map=args.device_map
+    )
     datasets = {
         s.name: make_batches(
             load_texts(s, model, tokenizer, max_length=args.max_length, seed=args.seed),

@@ -96,7 +96,7 @@ def _targets(args: argparse.Namespace) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> int:
     """Run the sweep and write runs.csv, summary.json and pareto.png."""
     from laplace_hub.artifact import Artifact
-    from laplace_hub.cli.compute_cmd import load_texts
+    from laplace_hub.cli.compute_cmd import check_source, load_texts
     from laplace_hub.data import DatasetSpec
     from laplace_hub.evaluation.report import pareto_plot, table, write_json, write_rows
     from laplace_hub.evaluation.sweep import (
@@ -129,8 +129,10 @@ def run(args: argparse.Namespace) -> int:
             raise LaplaceHubError(f"--artifact {item!r}: expected diag=DIR, kron=DIR or kron_eig=DIR")
         given[structure] = Artifact.open(folder, verify_checksums=True)
     targets = _targets(args)
+    source = DatasetSpec.parse(args.source)
+    check_source(source)
     model, tokenizer = load_model(args.model, gguf_file=args.gguf_file)
-    texts = load_texts(DatasetSpec.parse(args.source), model, tokenizer, max_length=args.max_length)
+    texts = load_texts(source, model, tokenizer, max_length=args.max_length)
     curvature, source_val, source_test = split_source(
         texts,
         tokenizer,

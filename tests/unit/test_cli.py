@@ -1,0 +1,63 @@
+"""Every command: --help with examples, usage errors exit 2, known errors one line and exit 1."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from laplace_hub.cli import COMMANDS, build_parser, main
+
+NAMES = ["demo", "compute", "validate", "inspect", "push", "pull", "find", "sweep"]
+
+
+def test_every_command_is_registered() -> None:
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    assert sorted(sub.choices) == sorted(NAMES)  # type: ignore[union-attr]
+    assert len(COMMANDS) == 6
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_help_has_examples(name: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main([name, "--help"])
+    assert exit_info.value.code == 0
+    assert "examples:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bad_flag_is_a_usage_error(name: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main([name, "--no-such-flag"])
+    assert exit_info.value.code == 2
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["pull", "me/x", "--hub", "{tmp}/nothing"], "no laplace-hub artifact"),
+        (["push", "{tmp}", "me/x", "--hub", "{tmp}/hub"], "no manifest"),
+        (["sweep", "smollm2", "--source", "x=y.txt", "--methods", "bogus", "--out", "{tmp}/s"], "Invalid method"),
+        (
+            ["compute", "smollm2", "--data", "x=stdlib:pydoc", "--out", "{tmp}/a", "--structure", "kron_tridiag"],
+            "needs --parameterization lora",
+        ),
+        (["compute", "smollm2", "--data", "x={tmp}/none.txt", "--out", "{tmp}/a"], "no such file"),
+        (["compute", "smollm2", "--data", "me=self:x", "--out", "{tmp}/a"], "self:N"),
+        (["compute", "smollm2", "--data", "x=stdlib:pydoc", "--out", "{tmp}"], "already exists"),
+        (
+            ["sweep", "smollm2", "--source", "x={tmp}/none.txt", "--target", "arithmetic", "--out", "{tmp}/s"],
+            "no such file",
+        ),
+        (["find", "--base-model", "a/b", "--hub", "{tmp}"], None),
+    ],
+)
+def test_known_errors_are_one_line(
+    argv: list[str], message: str | None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main([a.replace("{tmp}", str(tmp_path)) for a in argv])
+    err = capsys.readouterr().err
+    if message is None:
+        assert code == 0
+        return
+    assert code == 1 and message in err and len(err.strip().splitlines()) == 1
