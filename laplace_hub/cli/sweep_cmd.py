@@ -50,9 +50,9 @@ def register(sub: Any) -> None:
     )
     p.add_argument(
         "--methods",
-        default="lora,l2,diag,kron,kron_eig,lora_init,mtt",
+        default="lora,l2,diag,kron,kron_eig,lora_init,mtt,milora,flat_lora,migu",
         help="lora (none), l2, diag, kron, kron_eig (weight-space LaLoRA), lora_init (the paper's), "
-        "mtt (Mask-the-Target)",
+        "mtt (Mask-the-Target), milora, flat_lora (own ρ grid 0.01,0.05,0.1), migu (own t grid .25,.5,.75)",
     )
     p.add_argument("--strengths", default="10,100,1000")
     p.add_argument("--seeds", default="0,1,2")

@@ -6,6 +6,7 @@ reported on test means, as the LaLoRA paper does.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import random
 import statistics
@@ -21,13 +22,16 @@ from laplace_hub.artifact import Artifact
 from laplace_hub.consumers import LaplaceRegularizer, MaskTheTarget, regularized_loss
 from laplace_hub.data import Batch, make_batches
 from laplace_hub.errors import DataError, LaplaceHubError
+from laplace_hub.evaluation.baselines import MIGU, FlatLoRA, milora_init
 from laplace_hub.evaluation.metrics import exact_match, example_batches, source_metrics
 from laplace_hub.evaluation.tasks import Example
 from laplace_hub.manifest import BaseModelInfo
 from laplace_hub.models import select_targets
 from laplace_hub.producers import ComputeOptions, compute_artifact
 
-METHODS = ("lora", "l2", "diag", "kron", "kron_eig", "lora_init", "mtt")
+METHODS = ("lora", "l2", "diag", "kron", "kron_eig", "lora_init", "mtt", "milora", "flat_lora", "migu")
+# methods whose knob is not a penalty strength sweep their own grid: Flat-LoRA's ρ, MIGU's fraction t
+OWN_GRIDS = {"lora": (0.0,), "milora": (0.0,), "flat_lora": (0.01, 0.05, 0.1), "migu": (0.25, 0.5, 0.75)}
 # which weight-space artifact each method reads; lora_init is the paper's LaLoRA (diag at the init)
 ARTIFACT_FOR = {"diag": "diag", "kron": "kron", "kron_eig": "kron_eig", "lora_init": "diag"}
 METRICS = ("target_em", "source_nll", "source_accuracy")
@@ -106,7 +110,7 @@ def curvature_artifacts(model: Any, data: SweepData, cfg: SweepConfig) -> dict[s
 
 
 def _regularizer(method: str, strength: float, model: Any, artifacts: Mapping[str, Artifact]) -> Any:
-    if method in ("lora", "mtt"):
+    if method not in ARTIFACT_FOR and method != "l2":
         return None
     if method == "l2":
         return LaplaceRegularizer.identity(model, strength=strength)
@@ -132,20 +136,27 @@ def finetune(
         r=cfg.lora_rank, lora_alpha=2 * cfg.lora_rank, target_modules=cfg.targets.split(","), lora_dropout=0.0
     )
     model = get_peft_model(copy.deepcopy(base), config)
+    if method == "milora":
+        milora_init(model)
     reg = _regularizer(method, strength, model, artifacts)
     mask_the_target = MaskTheTarget(model, strength) if method == "mtt" else None
+    flat = FlatLoRA(model, strength, seed) if method == "flat_lora" else None
+    migu = MIGU(model, strength) if method == "migu" else None
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
     rng = random.Random(seed)
     start = time.perf_counter()
     model.train()
     for _ in range(cfg.steps):
         (batch,) = example_batches(rng.sample(list(train), cfg.batch_size), tokenizer, cfg.batch_size)
-        output = model(**batch)
-        loss = regularized_loss(output.loss, reg)
-        if mask_the_target is not None:
-            loss = loss + mask_the_target(batch, output.logits)
         optimizer.zero_grad()
-        loss.backward()
+        with flat.perturbed() if flat is not None else contextlib.nullcontext():
+            output = model(**batch)
+            loss = regularized_loss(output.loss, reg)
+            if mask_the_target is not None:
+                loss = loss + mask_the_target(batch, output.logits)
+            loss.backward()
+        if migu is not None:
+            migu.mask_gradients()
         optimizer.step()
     model.eval()
     return model, time.perf_counter() - start
@@ -172,8 +183,7 @@ def run_sweep(
     rows: list[dict[str, Any]] = [
         {"method": "base", "strength": 0.0, "seed": None, "seconds": 0.0, **evaluate(base, tokenizer, data)}
     ]
-    grid = [("lora", 0.0)] if "lora" in cfg.methods else []
-    grid += [(m, s) for m in cfg.methods if m != "lora" for s in cfg.strengths]
+    grid = [(m, s) for m in cfg.methods for s in OWN_GRIDS.get(m, cfg.strengths)]
     runs = [(m, s, seed) for m, s in grid for seed in cfg.seeds]
     for method, strength, seed in tqdm(runs, desc="sweep", unit="run"):
         model, seconds = finetune(base, tokenizer, data.train, method, strength, artifacts, cfg, seed)

@@ -67,15 +67,18 @@ def test_regulariser_on_a_peft_model() -> None:
         MaskTheTarget(base, strength=1.0)
 
 
+class Words:
+    """A whitespace tokenizer over the tiny model's vocabulary."""
+
+    pad_token_id, eos_token_id = 0, 1
+
+    def __call__(self, text: str) -> dict[str, list[int]]:
+        return {"input_ids": [2 + (sum(map(ord, w)) % 21) for w in text.split()]}
+
+
 def test_sweep_runs_mask_the_target() -> None:
     from laplace_hub.evaluation.sweep import SweepConfig, finetune
     from laplace_hub.evaluation.tasks import Example
-
-    class Words:  # a whitespace tokenizer over the tiny vocabulary
-        pad_token_id, eos_token_id = 0, 1
-
-        def __call__(self, text: str) -> dict[str, list[int]]:
-            return {"input_ids": [2 + (sum(map(ord, w)) % 21) for w in text.split()]}
 
     train = [Example(f"q {i}", f" a{i}") for i in range(8)]
     model, seconds = finetune(
