@@ -94,9 +94,9 @@ class _Counts:
     batches: int = 0
 
 
-def _sample_labels(logits: Tensor, valid: Tensor, gen: torch.Generator) -> Tensor:
-    probs = torch.softmax(logits.float(), -1).reshape(-1, logits.shape[-1])
-    sampled = torch.multinomial(probs.cpu(), 1, generator=gen).reshape(valid.shape).to(valid.device)
+def _sample_labels(probs: Tensor, valid: Tensor, gen: torch.Generator) -> Tensor:
+    """Labels drawn from the model's predictive at labelled positions only (-100 elsewhere)."""
+    sampled = torch.multinomial(probs, 1, generator=gen).reshape(valid.shape).to(valid.device)
     return torch.where(valid, sampled, -100)
 
 
@@ -114,8 +114,10 @@ def _backward_batch(
     logits = model(input_ids=input_ids, attention_mask=batch["attention_mask"].to(device)).logits[:, :-1]
     log_probs = torch.log_softmax(at_least_float32(logits), -1)
     draws = options.mc_samples if options.estimator == "mc" else 1
+    if options.estimator == "mc":  # the predictive once per batch; the generator lives on the CPU
+        probs = log_probs.detach().exp().reshape(-1, log_probs.shape[-1]).cpu()
     for draw in range(draws):
-        y = _sample_labels(logits.detach(), valid, gen) if options.estimator == "mc" else targets
+        y = _sample_labels(probs, valid, gen) if options.estimator == "mc" else targets
         log_lik = (log_probs.gather(-1, y.clamp_min(0).unsqueeze(-1)).squeeze(-1) * valid).sum()
         acc.collect_inputs = draw == 0
         log_lik.backward(retain_graph=draw < draws - 1)
@@ -139,11 +141,9 @@ def _accumulate(
     start = time.perf_counter()
     for batch in bar:
         sequences, tokens = _backward_batch(model, batch, acc, options, gen)
-        counts.sequences, counts.tokens, counts.batches = (
-            counts.sequences + sequences,
-            counts.tokens + tokens,
-            counts.batches + 1,
-        )
+        counts.sequences += sequences
+        counts.tokens += tokens
+        counts.batches += 1
         bar.set_postfix(tokens=counts.tokens, tokens_per_s=round(counts.tokens / (time.perf_counter() - start)))
 
 
