@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,11 @@ def publish(model: Any, curvature: list[Batch], cfg: DemoConfig) -> str:
     return push(folder, SMOLLM2_REPO_ID, hub=cfg.out / "hub", path_in_repo="laplace", create_repo=True).commit_url
 
 
+def say(line: str) -> None:
+    """A progress line, on stderr: stdout is for the report (and ``--json``)."""
+    print(line, file=sys.stderr, flush=True)
+
+
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     """Publisher → local hub → fine-tuner sweep; λ chosen on validation, reported on test."""
     model, tokenizer = load_model("smollm2")
@@ -74,11 +80,11 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         max_length=cfg.max_length,
         seed=cfg.seed,
     )
-    print(f"[publisher] K-FAC on {cfg.sweep.targets} of all layers, {len(curvature)} batches of pydoc text")
+    say(f"[publisher] K-FAC on {cfg.sweep.targets} of all layers, {len(curvature)} batches of pydoc text")
     url = publish(model, curvature, cfg)
-    print(f"[publisher] validated and pushed to the local hub: {url}")
+    say(f"[publisher] validated and pushed to the local hub: {url}")
     pulled = pull(SMOLLM2_REPO_ID, subfolder="laplace", hub=cfg.out / "hub", local_dir=cfg.out / "pulled")
-    print(
+    say(
         f"[fine-tuner] pulled {SMOLLM2_REPO_ID} --subfolder laplace (checksums verified): "
         f"{len(pulled.manifest.modules)} modules"
     )
