@@ -19,13 +19,11 @@ from pydantic import ValidationError as _PydanticValidationError
 from laplace_hub.errors import ManifestError, UnsupportedVersionError
 
 FORMAT_NAME: Literal["laplace-hub"] = "laplace-hub"
-SPEC_VERSION = "1.0"
+SPEC_VERSION = "1.1"
 MANIFEST_NAME = "laplace.json"
 SINGLE_FILE_NAME = "laplace.safetensors"
 INDEX_NAME = "laplace.safetensors.index.json"
 CARD_NAME = "README.md"
-# One metadata key: safetensors writes its metadata map in random order, and files must be reproducible.
-TENSOR_FILE_METADATA = {"format": f"{FORMAT_NAME}/{SPEC_VERSION}"}
 
 DType = Literal["float32", "float16", "bfloat16", "float64"]
 TensorKey = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.\-/]{0,511}$")]
@@ -68,6 +66,15 @@ class DiagBlockEntry(_BlockBase):
     diagonal: TensorKey
 
 
+class DiagLowRankBlockEntry(_BlockBase):
+    """Diagonal plus low-rank precision ``diag(vec D) + Σⱼ vec(Uⱼ) vec(Uⱼ)ᵀ`` (spec 1.1)."""
+
+    structure: Literal["diag_lowrank"]
+    diagonal: TensorKey
+    lowrank: TensorKey
+    rank: PositiveInt
+
+
 class KronBlockEntry(_BlockBase):
     """Kronecker precision ``Σg ⊗ Σx`` over the row-major vec of the parameter."""
 
@@ -97,9 +104,10 @@ class KronTridiagBlockEntry(_BlockBase):
 
 
 BlockEntry = Annotated[
-    DiagBlockEntry | KronBlockEntry | KronEigBlockEntry | KronTridiagBlockEntry,
+    DiagBlockEntry | DiagLowRankBlockEntry | KronBlockEntry | KronEigBlockEntry | KronTridiagBlockEntry,
     Field(discriminator="structure"),
 ]
+STRUCTURES = ("diag", "diag_lowrank", "kron", "kron_eig", "kron_tridiag")
 
 
 class LoraInitRef(_Model):
@@ -180,6 +188,16 @@ class FileEntry(_Model):
     sha256: Sha256
 
 
+class LineageEntry(_Model):
+    """One computed artifact folded into a merged posterior (spec 1.1)."""
+
+    base_model: BaseModelInfo
+    datasets: list[DatasetName] = Field(min_length=1, max_length=256)
+    decay: float = Field(gt=0, le=1, allow_inf_nan=False)
+    manifest_sha256: Sha256
+    source: str | None = Field(default=None, max_length=1024)
+
+
 class Manifest(_Model):
     """The whole ``laplace.json``."""
 
@@ -198,6 +216,37 @@ class Manifest(_Model):
     files: dict[str, FileEntry] = Field(max_length=100_000)
     software: dict[str, str] = Field(default_factory=dict)
     license: str | None = Field(default=None, max_length=128)
+    lineage: list[LineageEntry] | None = Field(default=None, min_length=1, max_length=256)
+
+
+# What each minor added: a manifest using these needs at least that spec_version (SPEC.md §10).
+INTRODUCED_IN = {"structure diag_lowrank": "1.1", "field lineage": "1.1"}
+
+
+def features(manifest: Manifest) -> set[str]:
+    """The versioned features (keys of :data:`INTRODUCED_IN`) a manifest uses."""
+    used = {f"structure {b.structure}" for module in manifest.modules.values() for b in module.blocks}
+    if manifest.lineage is not None:
+        used.add("field lineage")
+    return used & set(INTRODUCED_IN)
+
+
+def required_version(manifest: Manifest) -> str:
+    """The lowest spec_version able to hold the manifest: writers use it so that older readers can read."""
+    return max(["1.0", *(INTRODUCED_IN[f] for f in features(manifest))], key=parse_version)
+
+
+def manifest_json(manifest: Manifest) -> dict[str, Any]:
+    """The manifest as JSON data, leaving out unset fields of later minors.
+
+    A manifest that uses no newer feature is then byte for byte what an older writer wrote.
+    """
+    return manifest.model_dump(mode="json", exclude={"lineage"} if manifest.lineage is None else None)
+
+
+def tensor_file_metadata(spec_version: str) -> dict[str, str]:
+    """The one metadata key of every tensor file (one key: safetensors writes maps in random order)."""
+    return {"format": f"{FORMAT_NAME}/{spec_version}"}
 
 
 @dataclass(frozen=True)
@@ -206,7 +255,7 @@ class TensorSpec:
 
     shape: tuple[int, ...]
     dtype: str
-    role: Literal["diagonal", "factor", "eigenvalues", "eigenvectors", "cross", "init"]
+    role: Literal["diagonal", "lowrank", "factor", "eigenvalues", "eigenvectors", "cross", "init"]
     where: str
 
 
@@ -228,7 +277,25 @@ def check_version(raw: dict[str, Any]) -> tuple[int, int]:
     found = parse_version(version)
     if found[0] != parse_version(SPEC_VERSION)[0]:
         raise UnsupportedVersionError(version, f"{parse_version(SPEC_VERSION)[0]}.x", location="spec_version")
+    if found > parse_version(SPEC_VERSION):
+        _refuse_unknown_structures(raw, version)
     return found
+
+
+def _refuse_unknown_structures(raw: dict[str, Any], version: str) -> None:
+    """A newer minor may add structures; skipping their curvature silently would be wrong (SPEC.md §10)."""
+    modules = raw.get("modules")
+    for name, module in (modules if isinstance(modules, dict) else {}).items():
+        blocks = module.get("blocks") if isinstance(module, dict) else None
+        for index, block in enumerate(blocks if isinstance(blocks, list) else []):
+            structure = block.get("structure") if isinstance(block, dict) else None
+            if isinstance(structure, str) and structure not in STRUCTURES:
+                raise ManifestError(
+                    f"block structure {structure!r} of spec {version} is unknown to this reader (spec "
+                    f"{SPEC_VERSION}); upgrade laplace-hub",
+                    location=f"modules.{name}.blocks.{index}",
+                    code="manifest.unsupported_structure",
+                )
 
 
 def unknown_fields(model: BaseModel, path: str = "") -> Iterator[str]:
@@ -314,9 +381,13 @@ def _block_tensors(
     if block.param == "lora_AB":
         raise ManifestError("param 'lora_AB' needs structure kron_tridiag", location=where)
     d_out, d_in = _param_dims(block.param, shape, rank)
-    if isinstance(block, DiagBlockEntry):
+    if isinstance(block, DiagBlockEntry | DiagLowRankBlockEntry):
         yield block.diagonal, spec((d_out, d_in), "diagonal")
-    elif isinstance(block, KronBlockEntry):
+    if isinstance(block, DiagLowRankBlockEntry):
+        yield block.lowrank, spec((block.rank, d_out, d_in), "lowrank")
+    if isinstance(block, DiagBlockEntry | DiagLowRankBlockEntry):
+        return
+    if isinstance(block, KronBlockEntry):
         yield block.input.key, spec(_factor_shape(block.input, d_in), "factor")
         yield block.output.key, spec(_factor_shape(block.output, d_out), "factor")
     else:

@@ -1,10 +1,14 @@
-"""Write the conformance vectors of spec 1.0 and the JSON Schema (run from the repository root).
+"""Write the conformance vectors and the JSON Schema of the current spec (run from the repository root).
 
     python spec/make_conformance.py            # regenerate both
     python spec/make_conformance.py --schema   # only the schema (what the staleness test checks)
+    python spec/make_conformance.py --out DIR  # vectors into DIR (the reproducibility test)
 
-Valid vectors cover every structure and parameterization; each invalid vector is a valid one
-broken in one way, with ``expected.json`` naming the finding code the validator must report.
+Vectors live under ``conformance/<spec_version>/``: a vector goes to the lowest version able to
+hold it, since writers write that version. The 1.0 vectors are therefore still written by this
+script and must come out byte for byte as committed: a test regenerates them. Valid vectors cover
+every structure and parameterization; each invalid vector is a valid one broken in one way, with
+``expected.json`` naming the finding code the validator must report.
 """
 
 from __future__ import annotations
@@ -20,21 +24,22 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from laplace_hub.artifact import ArtifactBuilder, minimal_fields
+from laplace_hub.artifact import Artifact, ArtifactBuilder, merge, minimal_fields
 from laplace_hub.artifact.files import sha256_file
-from laplace_hub.curvature import DenseFactor, DiagBlock, KronBlock
+from laplace_hub.curvature import DenseFactor, DiagBlock, DiagLowRankBlock, KronBlock, WeightBlock
 from laplace_hub.manifest import (
     SPEC_VERSION,
-    TENSOR_FILE_METADATA,
+    BaseModelInfo,
     DatasetInfo,
     Estimator,
     LoraParameterization,
     manifest_json_schema,
+    tensor_file_metadata,
 )
 
 HERE = Path(__file__).parent
-OUT = HERE / "conformance"
 SCHEMA = HERE / f"manifest-{SPEC_VERSION}.schema.json"
+OUT = HERE / "conformance"
 SHAPES = {"model.layers.0.self_attn.q_proj": (6, 4), "model.layers.0.self_attn.k_proj": (2, 4)}
 RANK = 2
 
@@ -58,6 +63,11 @@ def weight_builder(
         for name, (d_out, d_in) in SHAPES.items():
             if structure == "diag":
                 block = DiagBlock(torch.rand(d_out, d_in, generator=gen, dtype=torch.float64))
+            elif structure == "diag_lowrank":
+                block = DiagLowRankBlock(
+                    torch.rand(d_out, d_in, generator=gen, dtype=torch.float64),
+                    torch.randn(RANK, d_out, d_in, generator=gen, dtype=torch.float64),
+                )
             elif structure == "kron_eig":
                 block = KronBlock(shared_eig, DenseFactor(psd(d_out, gen)).compress(2))
             else:
@@ -71,11 +81,14 @@ def lora_builder(structure: str, gen: torch.Generator) -> ArtifactBuilder:
     for name, (d_out, d_in) in SHAPES.items():
         a = torch.randn(RANK, d_in, generator=gen, dtype=torch.float64)
         b = torch.randn(d_out, RANK, generator=gen, dtype=torch.float64)
-        weight = (
-            DiagBlock(torch.rand(d_out, d_in, generator=gen, dtype=torch.float64))
-            if structure == "diag"
-            else KronBlock(DenseFactor(psd(d_in, gen)), DenseFactor(psd(d_out, gen)))
-        )
+        diagonal = torch.rand(d_out, d_in, generator=gen, dtype=torch.float64) if structure.startswith("diag") else None
+        weight: WeightBlock
+        if structure == "diag_lowrank":
+            weight = DiagLowRankBlock(diagonal, torch.randn(RANK, d_out, d_in, generator=gen, dtype=torch.float64))  # type: ignore[arg-type]
+        elif diagonal is not None:
+            weight = DiagBlock(diagonal)
+        else:
+            weight = KronBlock(DenseFactor(psd(d_in, gen)), DenseFactor(psd(d_out, gen)))
         builder.add(name, (d_out, d_in), weight.project_lora(a, b, 1.0, structure == "kron_tridiag"))
         builder.set_lora_init(name, a, b)
     return builder
@@ -113,25 +126,46 @@ def valid_vectors() -> dict[str, Callable[[], object]]:
         ),
         "lora-kron": make(lambda g: lora_builder("kron", g), parameterization=LORA),
         "lora-kron-tridiag": make(lambda g: lora_builder("kron_tridiag", g), parameterization=LORA),
+        "weight-diag-lowrank": make(lambda g: weight_builder("diag_lowrank", g), kfac_approx=None),
+        "lora-diag-lowrank": make(lambda g: lora_builder("diag_lowrank", g), parameterization=LORA, kfac_approx=None),
+        "merged-kron": merged_vector,
     }
 
 
-def write_valid() -> None:
+def merged_vector() -> Artifact:
+    """A prior (task 0) and the curvature after task 1, merged with decay 0.5."""
+    prior = weight_builder("kron", torch.Generator().manual_seed(0)).build(**minimal_fields(software=SOFTWARE))
+    task = DatasetInfo(name="task-1", sequences=4, tokens=64, batches=1)
+    after = BaseModelInfo(repo_id="example/model-task-1", revision="0" * 40)
+    new = weight_builder("kron", torch.Generator().manual_seed(1)).build(
+        **minimal_fields(software=SOFTWARE, datasets=[task], base_model=after)
+    )
+    merged = merge(prior, new, decay=0.5, sources=("example/model@main:laplace", "./task-1-curvature"))
+    return Artifact(merged.manifest.model_copy(update={"software": SOFTWARE}), merged.tensor)
+
+
+def write_valid(out: Path) -> dict[str, Path]:
+    """Every valid vector under ``out/<spec_version>/valid``; returns name → folder."""
+    folders = {}
     for name, make in valid_vectors().items():
-        make().save(OUT / "valid" / name, overwrite=True)  # type: ignore[attr-defined]
-    make = valid_vectors()["weight-kron"]
-    make().save(OUT / "valid" / "weight-kron-sharded", max_shard_bytes=100, overwrite=True)  # type: ignore[attr-defined]
-    newer = _copy("valid", "weight-kron", "valid", "newer-minor-1.1")
-    _edit_manifest(newer, lambda m: m.update(spec_version="1.1", future_field={"added_in": "1.1"}))
+        artifact = make()
+        folders[name] = out / artifact.manifest.spec_version / "valid" / name  # type: ignore[attr-defined]
+        artifact.save(folders[name], overwrite=True)  # type: ignore[attr-defined]
+    sharded = folders["weight-kron"].with_name("weight-kron-sharded")
+    valid_vectors()["weight-kron"]().save(sharded, max_shard_bytes=100, overwrite=True)  # type: ignore[attr-defined]
+    folders["weight-kron-sharded"] = sharded
+    newer = _copy(folders["weight-diag-lowrank"], "newer-minor-1.2")
+    _edit_manifest(newer, lambda m: m.update(spec_version="1.2", future_field={"added_in": "1.2"}))
+    return folders
 
 
 # --- breaking a valid vector in one way -------------------------------------------------------
 
 
-def _copy(kind: str, src: str, dst_kind: str, dst: str) -> Path:
-    target = OUT / dst_kind / dst
+def _copy(source: Path, name: str, kind: str = "valid") -> Path:
+    target = source.parent.parent / kind / name
     shutil.rmtree(target, ignore_errors=True)
-    shutil.copytree(OUT / kind / src, target)
+    shutil.copytree(source, target)
     return target
 
 
@@ -146,7 +180,8 @@ def _edit_tensors(
 ) -> None:
     tensors = load_file(folder / name)
     edit(tensors)
-    save_file(tensors, folder / name, metadata=TENSOR_FILE_METADATA)
+    version = json.loads((folder / "laplace.json").read_text())["spec_version"]
+    save_file(tensors, folder / name, metadata=tensor_file_metadata(version))
     _refresh_checksum(folder, name)
 
 
@@ -326,14 +361,41 @@ INVALID: dict[str, tuple[str, str, str, Callable[[Path], object]]] = {
         "fewer tokens than sequences",
         lambda f: _edit_manifest(f, lambda m: m["datasets"][0].update(tokens=2)),
     ),
+    # spec 1.1: versioned features and merged posteriors
+    "newer-feature-old-version": (
+        "weight-diag-lowrank",
+        "manifest.newer_feature",
+        "a diag_lowrank block in a manifest that says 1.0",
+        lambda f: _edit_manifest(f, lambda m: m.update(spec_version="1.0")),
+    ),
+    "unknown-structure-newer-minor": (
+        "weight-diag-lowrank",
+        "manifest.unsupported_structure",
+        "a 1.2 manifest with a structure this reader does not know",
+        lambda f: _edit_manifest(f, _future_structure),
+    ),
+    "lineage-incomplete": (
+        "merged-kron",
+        "manifest.lineage",
+        "a dataset of a merged posterior that no lineage entry names",
+        lambda f: _edit_manifest(
+            f, lambda m: m["lineage"][0]["datasets"].clear() or m["lineage"][0]["datasets"].append("x")
+        ),
+    ),
 }
 
 
-def write_invalid() -> None:
+def _future_structure(manifest: dict) -> None:
+    manifest["spec_version"] = "1.2"
+    block = next(iter(manifest["modules"].values()))["blocks"][0]
+    block["structure"] = "future_structure"
+
+
+def write_invalid(valid: dict[str, Path]) -> None:
     for name, (source, code, what, breaker) in INVALID.items():
-        folder = _copy("valid", source, "invalid", name)
+        folder = _copy(valid[source], name, "invalid")
         breaker(folder)
-        (OUT / "invalid" / f"{name}.expected.json").write_text(
+        folder.with_name(f"{name}.expected.json").write_text(
             json.dumps({"code": code, "what": what, "from": source}, indent=2) + "\n"
         )
 
@@ -345,12 +407,14 @@ def write_schema() -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--schema", action="store_true", help="only regenerate the JSON Schema")
+    parser.add_argument("--out", type=Path, help="write the vectors here instead of spec/conformance (no schema)")
     args = parser.parse_args()
-    write_schema()
+    if args.out is None:
+        write_schema()
     if not args.schema:
-        shutil.rmtree(OUT, ignore_errors=True)
-        write_valid()
-        write_invalid()
+        out = args.out or OUT
+        shutil.rmtree(out, ignore_errors=True)
+        write_invalid(write_valid(out))
     return 0
 
 

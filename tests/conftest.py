@@ -17,7 +17,9 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFORMANCE = ROOT / "spec" / "conformance"
+CONFORMANCE_ROOT = ROOT / "spec" / "conformance"
+CONFORMANCE = CONFORMANCE_ROOT / "1.0"  # the golden vectors of the first minor: every later reader reads them
+CONFORMANCE_1_1 = CONFORMANCE_ROOT / "1.1"
 
 
 @pytest.fixture(autouse=True)

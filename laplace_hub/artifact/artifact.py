@@ -46,7 +46,7 @@ class Artifact:
     for a module's :meth:`block`.
 
     Example:
-        >>> art = Artifact.open("spec/conformance/valid/weight-kron")
+        >>> art = Artifact.open("spec/conformance/1.0/valid/weight-kron")
         >>> art.manifest.parameterization.kind
         'weight'
         >>> block = art.block(next(iter(art.manifest.modules)))

@@ -14,12 +14,12 @@ from laplace_hub.artifact.store import tensor_dtype
 from laplace_hub.curvature import Block
 from laplace_hub.manifest import (
     FORMAT_NAME,
-    SPEC_VERSION,
     BlockEntry,
     DType,
     LoraInitRef,
     Manifest,
     ModuleEntry,
+    required_version,
 )
 
 
@@ -78,13 +78,15 @@ class ArtifactBuilder:
             modules[name] = ModuleEntry(shape=list(self._shapes[name]), blocks=entries, lora_init=init)
         manifest = Manifest(
             format=FORMAT_NAME,
-            spec_version=SPEC_VERSION,
+            spec_version="1.0",
             dtype=self.dtype,
             modules=modules,
             files={},
             software=fields.pop("software", None) or software_versions(),
             **fields,
         )
+        # The lowest version able to hold it, so that older readers read what uses no newer feature.
+        manifest = manifest.model_copy(update={"spec_version": required_version(manifest)})
         return Artifact(manifest, tensors.__getitem__)
 
 

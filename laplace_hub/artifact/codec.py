@@ -15,6 +15,7 @@ from laplace_hub.curvature import (
     Block,
     DenseFactor,
     DiagBlock,
+    DiagLowRankBlock,
     EigenFactor,
     Factor,
     KronBlock,
@@ -27,6 +28,7 @@ from laplace_hub.errors import StructureError
 from laplace_hub.manifest import (
     BlockEntry,
     DiagBlockEntry,
+    DiagLowRankBlockEntry,
     EigenFactorRef,
     FactorRef,
     KronBlockEntry,
@@ -108,6 +110,17 @@ class BlockEncoder:
         if isinstance(block, DiagBlock):
             key = self._store(f"{prefix}.diagonal", block.diagonal)
             return [DiagBlockEntry(structure="diag", param=param, dataset=dataset, diagonal=key)]  # type: ignore[arg-type]
+        if isinstance(block, DiagLowRankBlock):
+            return [
+                DiagLowRankBlockEntry(
+                    structure="diag_lowrank",
+                    param=param,  # type: ignore[arg-type]
+                    dataset=dataset,
+                    diagonal=self._store(f"{prefix}.diagonal", block.diagonal),
+                    lowrank=self._store(f"{prefix}.lowrank", block.lowrank),
+                    rank=block.rank,
+                )
+            ]
         if isinstance(block, KronBlock) and block.structure == "kron_eig":
             return [
                 KronEigBlockEntry(
@@ -141,10 +154,12 @@ def _load_eigen(ref: EigenFactorRef, get: TensorGetter) -> EigenFactor:
 
 
 def decode_weight_block(entry: BlockEntry, dims: tuple[int, int], get: TensorGetter) -> WeightBlock:
-    """The block a diag/kron/kron_eig entry describes, over a matrix of ``dims = (d_out, d_in)``."""
+    """The block a diag/diag_lowrank/kron/kron_eig entry describes, over a matrix of ``dims = (d_out, d_in)``."""
     d_out, d_in = dims
     if isinstance(entry, DiagBlockEntry):
         return DiagBlock(get(entry.diagonal))
+    if isinstance(entry, DiagLowRankBlockEntry):
+        return DiagLowRankBlock(get(entry.diagonal), get(entry.lowrank))
     if isinstance(entry, KronBlockEntry):
         return KronBlock(_load_factor(entry.input, d_in, get), _load_factor(entry.output, d_out, get))
     if isinstance(entry, KronEigBlockEntry):

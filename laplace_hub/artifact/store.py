@@ -18,10 +18,11 @@ from laplace_hub.manifest import (
     INDEX_NAME,
     MANIFEST_NAME,
     SINGLE_FILE_NAME,
-    TENSOR_FILE_METADATA,
     FileEntry,
     Manifest,
     expected_tensors,
+    manifest_json,
+    tensor_file_metadata,
     unknown_fields,
 )
 
@@ -89,10 +90,10 @@ def write_artifact(
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        names = _write_tensors(tensors, tmp, max_shard_bytes)
+        names = _write_tensors(tensors, tmp, max_shard_bytes, tensor_file_metadata(manifest.spec_version))
         files = {name: FileEntry(size=(tmp / name).stat().st_size, sha256=sha256_file(tmp / name)) for name in names}
         written = manifest.model_copy(update={"files": files})
-        (tmp / MANIFEST_NAME).write_text(json.dumps(written.model_dump(mode="json"), indent=2) + "\n")
+        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest_json(written), indent=2) + "\n")
         for name in [*names, MANIFEST_NAME]:
             _fsync(tmp / name)
         _swap_into_place(tmp, path)
@@ -102,9 +103,10 @@ def write_artifact(
     return written
 
 
-def _write_tensors(tensors: dict[str, Tensor], folder: Path, max_shard_bytes: int) -> list[str]:
+def _write_tensors(
+    tensors: dict[str, Tensor], folder: Path, max_shard_bytes: int, metadata: dict[str, str]
+) -> list[str]:
     shards = plan_shards(tensors, max_shard_bytes)
-    metadata = TENSOR_FILE_METADATA
     if len(shards) == 1:
         save_file({k: tensors[k] for k in shards[0]}, folder / SINGLE_FILE_NAME, metadata=metadata)
         return [SINGLE_FILE_NAME]

@@ -1,6 +1,14 @@
 """The curvature algebra: factors and blocks over torch tensors, no I/O."""
 
-from laplace_hub.curvature.blocks import Block, BlockSum, DiagBlock, KronBlock, LoraPairBlock, WeightBlock
+from laplace_hub.curvature.blocks import (
+    Block,
+    BlockSum,
+    DiagBlock,
+    DiagLowRankBlock,
+    KronBlock,
+    LoraPairBlock,
+    WeightBlock,
+)
 from laplace_hub.curvature.factors import DenseFactor, EigenFactor, Factor, pack_symmetric, unpack_symmetric
 from laplace_hub.curvature.stack import signature, stack_blocks
 
@@ -9,6 +17,7 @@ __all__ = [
     "BlockSum",
     "DenseFactor",
     "DiagBlock",
+    "DiagLowRankBlock",
     "EigenFactor",
     "Factor",
     "KronBlock",

@@ -100,6 +100,8 @@ class DiagBlock(WeightBlock):
         return DiagBlock(self.diagonal.to(device=device, dtype=dtype))
 
     def __add__(self, other: Block) -> Block:
+        if isinstance(other, DiagLowRankBlock) and other.shape == self.shape:
+            return other + self
         if isinstance(other, DiagBlock) and other.shape == self.shape:
             return DiagBlock(self.diagonal + other.diagonal)
         return super().__add__(other)
@@ -109,6 +111,66 @@ class DiagBlock(WeightBlock):
             raise StructureError("a diagonal block has no A–B cross block; use a kron block")
         s2 = scaling**2
         return LoraPairBlock(DiagBlock(s2 * b.square().T @ self.diagonal), DiagBlock(s2 * self.diagonal @ a.square().T))
+
+
+@dataclass(frozen=True)
+class DiagLowRankBlock(WeightBlock):
+    """``P = diag(vec D) + Σⱼ vec(Uⱼ) vec(Uⱼ)ᵀ``: a diagonal plus ``k`` rank-one directions.
+
+    ``lowrank`` is ``U`` of shape ``(k, d_out, d_in)``: each direction has the parameter's shape,
+    so ``⟨Uⱼ, Δ⟩`` needs no reshaping and a sum of two such blocks is exact (stack the ``U``s).
+    """
+
+    diagonal: Tensor
+    lowrank: Tensor
+
+    @property
+    def shape(self) -> tuple[int, int]:  # type: ignore[override]
+        return (int(self.diagonal.shape[-2]), int(self.diagonal.shape[-1]))
+
+    @property
+    def rank(self) -> int:
+        return int(self.lowrank.shape[-3])
+
+    def quad(self, *deltas: Tensor) -> Tensor:
+        (delta,) = deltas
+        self._check(delta)
+        along = (self.lowrank * delta.unsqueeze(-3)).sum((-2, -1))
+        return (self.diagonal * delta.square()).sum() + along.square().sum()
+
+    def quad_lowrank(self, b: Tensor, a: Tensor) -> Tensor:
+        # ⟨Uⱼ, B A⟩ = ⟨Uⱼ Aᵀ, B⟩: O(k·d_out·d_in·r), and Δ only as the diagonal part forms it.
+        along = ((self.lowrank @ a.mT.unsqueeze(-3)) * b.unsqueeze(-3)).sum((-2, -1))
+        return DiagBlock(self.diagonal).quad_lowrank(b, a) + along.square().sum()
+
+    def dense(self) -> Tensor:
+        directions = self.lowrank.reshape(self.rank, -1)
+        return torch.diag(self.diagonal.reshape(-1)) + directions.T @ directions
+
+    def scale(self, c: float) -> DiagLowRankBlock:
+        return DiagLowRankBlock(self.diagonal * c, self.lowrank * c**0.5)
+
+    def to(self, device: Device = None, dtype: torch.dtype | None = None) -> DiagLowRankBlock:
+        return DiagLowRankBlock(
+            self.diagonal.to(device=device, dtype=dtype), self.lowrank.to(device=device, dtype=dtype)
+        )
+
+    def __add__(self, other: Block) -> Block:
+        if isinstance(other, DiagBlock) and other.shape == self.shape:
+            return DiagLowRankBlock(self.diagonal + other.diagonal, self.lowrank)
+        if isinstance(other, DiagLowRankBlock) and other.shape == self.shape:
+            return DiagLowRankBlock(self.diagonal + other.diagonal, torch.cat([self.lowrank, other.lowrank], -3))
+        return super().__add__(other)
+
+    def project_lora(self, a: Tensor, b: Tensor, scaling: float, cross: bool = False) -> LoraPairBlock:
+        """The low-rank part projects exactly (``s Bᵀ Uⱼ`` and ``s Uⱼ Aᵀ``), the diagonal as a diag block does."""
+        if cross:
+            raise StructureError("a diag_lowrank block stores no A–B cross block; use a kron block")
+        diag = DiagBlock(self.diagonal).project_lora(a, b, scaling)
+        return LoraPairBlock(
+            DiagLowRankBlock(diag.a.diagonal, scaling * b.T @ self.lowrank),  # type: ignore[attr-defined]
+            DiagLowRankBlock(diag.b.diagonal, scaling * self.lowrank @ a.T),  # type: ignore[attr-defined]
+        )
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from collections.abc import Hashable, Sequence
 
 import torch
 
-from laplace_hub.curvature.blocks import Block, DiagBlock, KronBlock, LoraPairBlock
+from laplace_hub.curvature.blocks import Block, BlockSum, DiagBlock, DiagLowRankBlock, KronBlock, LoraPairBlock
 from laplace_hub.curvature.factors import DenseFactor, EigenFactor, Factor
 from laplace_hub.errors import StructureError
 
@@ -27,10 +27,14 @@ def signature(block: Block) -> Hashable:
     """Blocks with equal signatures stack; others (e.g. sums) get a signature of their own."""
     if isinstance(block, DiagBlock):
         return ("diag", block.shape)
+    if isinstance(block, DiagLowRankBlock):
+        return ("diag_lowrank", block.shape, block.rank)
     if isinstance(block, KronBlock):
         return ("kron", _factor_signature(block.input), _factor_signature(block.output))
     if isinstance(block, LoraPairBlock):
         return ("pair", signature(block.a), signature(block.b), block.cross_input is not None)
+    if isinstance(block, BlockSum):  # e.g. a merged posterior: one term per task
+        return ("sum", *(signature(term) for term in block.terms))
     return ("single", id(block))
 
 
@@ -60,6 +64,14 @@ def stack_blocks(blocks: Sequence[Block]) -> Block:
         return first
     if isinstance(first, DiagBlock):
         return DiagBlock(torch.stack([b.diagonal for b in blocks]))  # type: ignore[attr-defined]
+    if isinstance(first, DiagLowRankBlock):
+        return DiagLowRankBlock(
+            torch.stack([b.diagonal for b in blocks]),  # type: ignore[attr-defined]
+            torch.stack([b.lowrank for b in blocks]),  # type: ignore[attr-defined]
+        )
+    if isinstance(first, BlockSum):
+        sums = [b for b in blocks if isinstance(b, BlockSum)]
+        return BlockSum(tuple(stack_blocks(terms) for terms in zip(*(s.terms for s in sums), strict=True)))
     if isinstance(first, KronBlock):
         return KronBlock(
             _stack_factors([b.input for b in blocks]),  # type: ignore[attr-defined]

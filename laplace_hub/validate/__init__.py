@@ -2,7 +2,7 @@
 
 Example:
     >>> from laplace_hub.validate import validate
-    >>> report = validate("spec/conformance/valid/weight-kron")
+    >>> report = validate("spec/conformance/1.0/valid/weight-kron")
     >>> report.valid
     True
 

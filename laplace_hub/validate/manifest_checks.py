@@ -9,12 +9,14 @@ from pydantic import ValidationError
 
 from laplace_hub.errors import LaplaceHubError
 from laplace_hub.manifest import (
+    INTRODUCED_IN,
     SPEC_VERSION,
     KronTridiagBlockEntry,
     LoraParameterization,
     Manifest,
     ModuleEntry,
     check_version,
+    features,
     parse_version,
     unknown_fields,
 )
@@ -50,18 +52,46 @@ def parse_into(report: Report, raw: Any) -> Manifest | None:
 
 
 def check_semantics(report: Report, manifest: Manifest) -> None:
-    """Cross-field rules of SPEC.md §4–§6."""
+    """Cross-field rules of SPEC.md §4–§6 and §10."""
+    _check_features(report, manifest)
     _check_estimator(report, manifest)
     _check_datasets(report, manifest)
+    _check_lineage(report, manifest)
     for name, module in manifest.modules.items():
         _check_module(report, manifest, name, module)
+
+
+def _check_features(report: Report, m: Manifest) -> None:
+    for feature in sorted(features(m)):
+        if parse_version(m.spec_version) < parse_version(INTRODUCED_IN[feature]):
+            report.add(
+                "manifest.newer_feature",
+                "spec_version",
+                f"{feature} needs spec_version ≥ {INTRODUCED_IN[feature]}, the manifest says {m.spec_version}",
+            )
+
+
+def _check_lineage(report: Report, m: Manifest) -> None:
+    if m.lineage is None:
+        return
+    if m.datasets_combined != "separate":
+        report.add("manifest.lineage", "datasets_combined", "a merged posterior keeps each task's datasets separate")
+    named = Counter(name for entry in m.lineage for name in entry.datasets)
+    datasets = {d.name for d in m.datasets}
+    for name in sorted(datasets - set(named)):
+        report.add("manifest.lineage", "lineage", f"dataset {name!r} comes from no lineage entry")
+    for name in sorted(set(named) - datasets):
+        report.add("manifest.lineage", "lineage", f"lineage names dataset {name!r}, which is not in datasets")
+    for name, count in named.items():
+        if count > 1:
+            report.add("manifest.lineage", "lineage", f"dataset {name!r} is named by {count} lineage entries")
 
 
 def _check_estimator(report: Report, m: Manifest) -> None:
     est = m.estimator
     if (est.kind == "mc") != (est.mc_samples is not None):
         report.add("manifest.estimator", "estimator.mc_samples", "mc_samples is required for mc and only for mc")
-    kron = any(b.structure != "diag" for module in m.modules.values() for b in module.blocks)
+    kron = any(b.structure.startswith("kron") for module in m.modules.values() for b in module.blocks)
     if kron and m.kfac_approx is None:
         report.add("manifest.kfac_approx", "kfac_approx", "Kronecker blocks need kfac_approx (expand or reduce)")
     if m.kfac_approx == "reduce" and m.normalization == "per_token":

@@ -13,7 +13,7 @@ from safetensors import safe_open
 from laplace_hub.artifact import Artifact, ArtifactBuilder, minimal_fields, store
 from laplace_hub.curvature import DenseFactor, DiagBlock, KronBlock
 from laplace_hub.errors import ArtifactError, ArtifactNotFoundError, UnsupportedVersionError
-from tests.conftest import CONFORMANCE
+from tests.conftest import CONFORMANCE, CONFORMANCE_1_1
 
 
 def build(dtype: str = "float32", packed: bool = False) -> Artifact:
@@ -102,10 +102,10 @@ def test_newer_minor_loads_with_warning(tmp_path: Path) -> None:
     with pytest.warns(UserWarning, match="future_field"):
         from laplace_hub.manifest import parse_manifest
 
-        raw = json.loads((CONFORMANCE / "valid" / "newer-minor-1.1" / "laplace.json").read_text())
+        raw = json.loads((CONFORMANCE_1_1 / "valid" / "newer-minor-1.2" / "laplace.json").read_text())
         manifest = parse_manifest(raw)
-    assert manifest.model_extra == {"future_field": {"added_in": "1.1"}}
-    assert Artifact.open(CONFORMANCE / "valid" / "newer-minor-1.1").block("model.layers.0.self_attn.q_proj")
+    assert manifest.model_extra == {"future_field": {"added_in": "1.2"}}
+    assert Artifact.open(CONFORMANCE_1_1 / "valid" / "newer-minor-1.2").block("model.layers.0.self_attn.q_proj")
 
 
 def test_separate_datasets_combine_with_their_weights() -> None:

@@ -10,6 +10,7 @@ from laplace_hub.curvature import (
     BlockSum,
     DenseFactor,
     DiagBlock,
+    DiagLowRankBlock,
     EigenFactor,
     KronBlock,
     LoraPairBlock,
@@ -38,10 +39,16 @@ def vec(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1)  # row-major, as SPEC.md §5 says
 
 
+def diag_lowrank(seed: int, k: int = 3) -> DiagLowRankBlock:
+    gen = torch.Generator().manual_seed(seed)
+    return DiagLowRankBlock(torch.rand(D_OUT, D_IN, generator=gen), torch.randn(k, D_OUT, D_IN, generator=gen))
+
+
 def weight_blocks() -> dict[str, object]:
     kron = KronBlock(DenseFactor(psd(D_IN, 1)), DenseFactor(psd(D_OUT, 2)))
     return {
         "diag": DiagBlock(torch.rand(D_OUT, D_IN, generator=torch.Generator().manual_seed(3))),
+        "diag_lowrank": diag_lowrank(4),
         "kron": kron,
         "kron_eig": kron.compress(2),
         "kron_eig_full": kron.compress(10),
@@ -86,6 +93,36 @@ def test_diag_plus_diag_stays_diag() -> None:
     d = weight_blocks()["diag"]
     assert isinstance(d + d, DiagBlock)
     assert isinstance(weight_blocks()["kron"] + d, BlockSum)
+
+
+def test_diag_lowrank_sums_stay_exact_and_in_structure() -> None:
+    """D + UUᵀ plus a diagonal or another D' + U'U'ᵀ is again diagonal plus low rank (ranks add)."""
+    d, dl, other = weight_blocks()["diag"], diag_lowrank(4, k=3), diag_lowrank(5, k=2)
+    for total, parts in ((dl + d, (dl, d)), (d + dl, (d, dl)), (dl + other, (dl, other))):
+        assert isinstance(total, DiagLowRankBlock)
+        torch.testing.assert_close(total.dense(), sum(p.dense() for p in parts))
+    assert (dl + other).rank == 5
+
+
+def test_diag_lowrank_dense_is_diagonal_plus_outer_products() -> None:
+    dl = diag_lowrank(4)
+    expected = torch.diag(vec(dl.diagonal)) + sum(torch.outer(vec(u), vec(u)) for u in dl.lowrank)
+    torch.testing.assert_close(dl.dense(), expected)
+
+
+def test_diag_lowrank_projection_is_exact_for_the_low_rank_part() -> None:
+    """Jᵀ(D + UUᵀ)J per factor: the UUᵀ part exactly, the D part by its diagonal (as diag does)."""
+    dl = diag_lowrank(4)
+    a, b, s = torch.randn(RANK, D_IN), torch.randn(D_OUT, RANK), 0.7
+    jac_a, jac_b = jacrev(lambda a_, b_: vec(s * b_ @ a_), argnums=(0, 1))(a, b)
+    pair = dl.project_lora(a, b, s)
+    low = DiagLowRankBlock(torch.zeros(D_OUT, D_IN), dl.lowrank)
+    for jac, part in ((jac_a, pair.a), (jac_b, pair.b)):
+        j = jac.reshape(D_OUT * D_IN, -1)
+        diagonal_part = torch.diag(torch.diagonal(j.T @ torch.diag(vec(dl.diagonal)) @ j))
+        torch.testing.assert_close(part.dense(), diagonal_part + j.T @ low.dense() @ j)
+    with pytest.raises(StructureError, match="cross"):
+        dl.project_lora(a, b, s, cross=True)
 
 
 @pytest.mark.parametrize("cross", [False, True])
@@ -174,13 +211,19 @@ def test_shape_mismatch_is_refused(block) -> None:
         block.quad(torch.zeros(D_IN, D_OUT))
 
 
-@pytest.mark.parametrize("name", ["diag", "kron", "kron_eig"])
+@pytest.mark.parametrize("name", ["diag", "diag_lowrank", "kron", "kron_eig", "sum"])
 def test_stacked_blocks_sum_the_quadratic_forms(name: str) -> None:
     from laplace_hub.curvature import signature, stack_blocks
 
     def make(seed: int):
         kron = KronBlock(DenseFactor(psd(D_IN, seed)), DenseFactor(psd(D_OUT, seed + 1)))
-        return {"diag": DiagBlock(torch.rand(D_OUT, D_IN)), "kron": kron, "kron_eig": kron.compress(2)}[name]
+        return {
+            "diag": DiagBlock(torch.rand(D_OUT, D_IN)),
+            "diag_lowrank": diag_lowrank(seed),
+            "kron": kron,
+            "kron_eig": kron.compress(2),
+            "sum": kron + kron.compress(2).scale(0.5),  # a merged posterior: one term per task
+        }[name]
 
     blocks = [make(s) for s in (1, 5, 9)]
     assert len({signature(b) for b in blocks}) == 1
@@ -191,7 +234,9 @@ def test_stacked_blocks_sum_the_quadratic_forms(name: str) -> None:
     torch.testing.assert_close(
         stacked.quad_lowrank(b, a), sum(blk.quad_lowrank(bi, ai) for blk, bi, ai in zip(blocks, b, a, strict=True))
     )
-    pairs = [blk.project_lora(ai, bi, 0.5, cross=name != "diag") for blk, ai, bi in zip(blocks, a, b, strict=True)]
+    pairs = [
+        blk.project_lora(ai, bi, 0.5, cross=name.startswith("kron")) for blk, ai, bi in zip(blocks, a, b, strict=True)
+    ]
     da, db = torch.randn(3, RANK, D_IN), torch.randn(3, D_OUT, RANK)
     torch.testing.assert_close(
         stack_blocks(pairs).quad(da, db), sum(p.quad(x, y) for p, x, y in zip(pairs, da, db, strict=True))

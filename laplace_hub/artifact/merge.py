@@ -1,0 +1,222 @@
+"""Continual posteriors: fold a new task's curvature into the prior, never recomputing old curvature.
+
+Laplace filtering over tasks: after fine-tuning on task ``t``, the curvature ``P_new`` computed at
+the fine-tuned weights joins the prior, whose precision first decays by ``γ ∈ (0, 1]``:
+``P = γ·P_prior + P_new``, with the mean at the new weights (the new artifact's ``base_model``).
+A sum of Kronecker blocks has no Kronecker form, so the merge is exact instead of approximate:
+every computed artifact keeps its blocks under datasets of its own, ``γ`` goes into their dataset
+weights (which readers already apply, SPEC.md §5), and ``lineage`` records which artifact, at
+which weights, on which data, each part came from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from laplace_hub.artifact.artifact import Artifact
+from laplace_hub.artifact.builder import software_versions
+from laplace_hub.artifact.store import tensor_dtype
+from laplace_hub.errors import ArtifactError
+from laplace_hub.manifest import (
+    FORMAT_NAME,
+    INTRODUCED_IN,
+    MANIFEST_NAME,
+    BlockEntry,
+    DatasetInfo,
+    DType,
+    LineageEntry,
+    LoraParameterization,
+    Manifest,
+    ModuleEntry,
+    manifest_json,
+)
+
+KEY_FIELDS = frozenset({"key", "diagonal", "lowrank", "eigenvalues", "eigenvectors", "cross_input", "cross_output"})
+
+
+@dataclass(frozen=True)
+class _Part:
+    """One computed artifact inside a (possibly already merged) artifact."""
+
+    artifact: Artifact
+    lineage: LineageEntry
+    block_datasets: tuple[str | None, ...]  # the blocks' ``dataset`` fields (None when summed)
+    infos: tuple[DatasetInfo, ...]  # one per entry of block_datasets
+
+
+def manifest_sha256(artifact: Artifact) -> str:
+    """sha256 of the artifact's ``laplace.json`` (of its canonical form when not on disk)."""
+    if artifact.path is not None and (artifact.path / MANIFEST_NAME).is_file():
+        return hashlib.sha256((artifact.path / MANIFEST_NAME).read_bytes()).hexdigest()
+    text = json.dumps(manifest_json(artifact.manifest), indent=2) + "\n"
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _parts(artifact: Artifact, source: str | None) -> Iterator[_Part]:
+    m = artifact.manifest
+    by_name = {d.name: d for d in m.datasets}
+    if m.lineage is not None:
+        for entry in m.lineage:
+            yield _Part(artifact, entry, tuple(entry.datasets), tuple(by_name[n] for n in entry.datasets))
+        return
+    if m.datasets_combined == "separate":
+        names: tuple[str | None, ...] = tuple(by_name)
+        infos = tuple(m.datasets)
+    else:  # summed: the blocks hold all datasets pooled, so they become one dataset here
+        names, infos = (None,), (_pooled(m.datasets),)
+    entry = LineageEntry(
+        base_model=m.base_model,
+        datasets=[d.name for d in infos],
+        decay=1.0,
+        manifest_sha256=manifest_sha256(artifact),
+        source=source,
+    )
+    yield _Part(artifact, entry, names, infos)
+
+
+def _pooled(datasets: list[DatasetInfo]) -> DatasetInfo:
+    if len(datasets) == 1:
+        return datasets[0]
+    return DatasetInfo(
+        name="pooled",
+        sequences=sum(d.sequences for d in datasets),
+        tokens=sum(d.tokens for d in datasets),
+        batches=sum(d.batches for d in datasets),
+        description="pooled: " + ", ".join(d.name for d in datasets),
+    )
+
+
+def _rekey(entry: BlockEntry, dataset: str, rename: dict[str, str], prefix: str, merged: bool) -> BlockEntry:
+    """The entry under ``dataset`` with every tensor key prefixed (and recorded in ``rename``).
+
+    Keys of an already merged artifact lose their old ``<index>/`` prefix, so they do not grow.
+    """
+
+    def walk(node: Any) -> Any:
+        if not isinstance(node, dict):
+            return node
+        out = {}
+        for field, value in node.items():
+            if field in KEY_FIELDS and isinstance(value, str):
+                value = rename.setdefault(value, prefix + (re.sub(r"^[0-9]+/", "", value) if merged else value))
+            out[field] = walk(value)
+        return out
+
+    data = walk(entry.model_dump(mode="json"))
+    data["dataset"] = dataset
+    return type(entry).model_validate(data)
+
+
+def _unique(name: str, taken: set[str]) -> str:
+    candidate, n = name, 2
+    while candidate in taken:
+        candidate, n = f"{name}-{n}", n + 1
+    taken.add(candidate)
+    return candidate
+
+
+def _check_compatible(prior: Manifest, new: Manifest) -> None:
+    for which, m in (("prior", prior), ("new", new)):
+        if isinstance(m.parameterization, LoraParameterization):
+            raise ArtifactError(
+                f"the {which} artifact is lora-parameterised; only weight-space curvature merges across tasks",
+                location="parameterization",
+            )
+    if set(prior.modules) != set(new.modules):
+        odd = sorted(set(prior.modules) ^ set(new.modules))
+        raise ArtifactError(f"the artifacts cover different modules, e.g. {odd[:2]}", location="modules")
+    for name, module in new.modules.items():
+        if module.shape != prior.modules[name].shape:
+            raise ArtifactError(
+                f"shape {module.shape} differs from the prior's {prior.modules[name].shape}", location=name
+            )
+    for field in ("loss", "normalization"):
+        if getattr(prior, field) != getattr(new, field):
+            raise ArtifactError(
+                f"{field} differs ({getattr(prior, field)} vs {getattr(new, field)}): the precisions do not add",
+                location=field,
+            )
+    if prior.estimator.kind != new.estimator.kind:
+        raise ArtifactError(
+            f"estimators differ ({prior.estimator.kind} vs {new.estimator.kind}); compute both the same way",
+            location="estimator",
+        )
+    if None not in (prior.kfac_approx, new.kfac_approx) and prior.kfac_approx != new.kfac_approx:
+        raise ArtifactError(f"kfac_approx differs ({prior.kfac_approx} vs {new.kfac_approx})", location="kfac_approx")
+
+
+def _wider(a: DType, b: DType) -> DType:
+    promoted = torch.promote_types(tensor_dtype(a), tensor_dtype(b))
+    return "float64" if promoted == torch.float64 else a if a == b else "float32"
+
+
+def merge(
+    prior: Artifact, new: Artifact, *, decay: float = 1.0, sources: tuple[str | None, str | None] = (None, None)
+) -> Artifact:
+    """The posterior ``decay · P_prior + P_new`` with its mean at ``new``'s base model.
+
+    Args:
+        prior: The prior artifact (itself computed, or already merged).
+        new: Curvature computed at the fine-tuned weights on the last task's data.
+        decay: ``γ ∈ (0, 1]``; older tasks fade geometrically (``1`` forgets nothing).
+        sources: Where ``prior`` and ``new`` were read from, for the lineage.
+
+    Raises:
+        ArtifactError: the two cannot be added (parameterisation, modules, shapes, scale).
+
+    """
+    if not 0 < decay <= 1:
+        raise ArtifactError(f"decay must lie in (0, 1], got {decay}", location="--decay")
+    _check_compatible(prior.manifest, new.manifest)
+    dtype = _wider(prior.manifest.dtype, new.manifest.dtype)
+    blocks: dict[str, list[BlockEntry]] = {name: [] for name in new.manifest.modules}
+    tensors: dict[str, Tensor] = {}
+    datasets: list[DatasetInfo] = []
+    lineage: list[LineageEntry] = []
+    taken: set[str] = set()
+    parts = [(p, decay) for p in _parts(prior, sources[0])] + [(p, 1.0) for p in _parts(new, sources[1])]
+    for index, (part, scale) in enumerate(parts):
+        names = {old: _unique(info.name, taken) for old, info in zip(part.block_datasets, part.infos, strict=True)}
+        rename: dict[str, str] = {}
+        for module, entry in part.artifact.manifest.modules.items():
+            for block in entry.blocks:
+                if block.dataset in names:
+                    merged = part.artifact.manifest.lineage is not None
+                    blocks[module].append(_rekey(block, names[block.dataset], rename, f"{index}/", merged))
+        for old, key in rename.items():
+            tensors[key] = part.artifact.tensor(old).to(tensor_dtype(dtype))
+        datasets += [
+            info.model_copy(update={"name": names[old], "weight": info.weight * scale})
+            for old, info in zip(part.block_datasets, part.infos, strict=True)
+        ]
+        lineage.append(
+            part.lineage.model_copy(update={"datasets": list(names.values()), "decay": part.lineage.decay * scale})
+        )
+    m = new.manifest
+    manifest = Manifest(
+        format=FORMAT_NAME,
+        spec_version=INTRODUCED_IN["field lineage"],
+        base_model=m.base_model,
+        parameterization=m.parameterization,
+        estimator=m.estimator,
+        loss=m.loss,
+        normalization=m.normalization,
+        kfac_approx=m.kfac_approx or prior.manifest.kfac_approx,
+        datasets=datasets,
+        datasets_combined="separate",
+        dtype=dtype,
+        modules={name: ModuleEntry(shape=m.modules[name].shape, blocks=b) for name, b in blocks.items()},
+        files={},
+        software=software_versions(),
+        license=m.license if m.license == prior.manifest.license else None,
+        lineage=lineage,
+    )
+    return Artifact(manifest, tensors.__getitem__)
