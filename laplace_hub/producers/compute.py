@@ -14,7 +14,8 @@ from tqdm.auto import tqdm
 
 from laplace_hub.artifact import Artifact, ArtifactBuilder
 from laplace_hub.artifact.store import tensor_dtype
-from laplace_hub.curvature import Block, DenseFactor, DiagBlock, Factor, KronBlock, LoraPairBlock
+from laplace_hub.curvature import Block, DenseFactor, DiagBlock, Factor, KronBlock, LoraPairBlock, WeightBlock
+from laplace_hub.curvature.sketch import diag_lowrank_from_sketch
 from laplace_hub.errors import DataError, LaplaceHubError
 from laplace_hub.fingerprint import fingerprint_weights
 from laplace_hub.manifest import (
@@ -33,14 +34,20 @@ Batch = Mapping[str, Tensor]
 
 @dataclass(frozen=True)
 class ComputeOptions:
-    """What to compute (SPEC.md §4, §6). ``structure`` ``kron_tridiag`` needs ``lora``."""
+    """What to compute (SPEC.md §4, §6). ``structure`` ``kron_tridiag`` needs ``lora``.
 
-    structure: Literal["diag", "kron", "kron_tridiag"] = "kron"
+    ``diag_lowrank`` keeps the top ``lowrank_rank`` eigen-directions of the per-example Fisher,
+    found by a Nyström sketch of ``lowrank_rank + sketch_oversample`` random directions.
+    """
+
+    structure: Literal["diag", "diag_lowrank", "kron", "kron_tridiag"] = "kron"
     estimator: Literal["empirical", "mc", "batch_empirical"] = "empirical"
     mc_samples: int = 1
     normalization: Literal["per_sequence", "per_token"] = "per_sequence"
     kfac_approx: Literal["expand", "reduce"] = "expand"
     eig_rank: int | None = None
+    lowrank_rank: int = 8
+    sketch_oversample: int = 8
     parameterization: Literal["weight", "lora"] = "weight"
     lora_rank: int = 8
     lora_alpha: float = 16.0
@@ -63,6 +70,8 @@ class ComputeOptions:
             raise LaplaceHubError("structure kron_tridiag needs --parameterization lora")
         if self.estimator == "batch_empirical" and self.structure != "diag":
             raise LaplaceHubError("the batch_empirical estimator (the paper's) is defined for diag only")
+        if self.structure == "diag_lowrank" and (self.lowrank_rank < 1 or self.sketch_oversample < 0):
+            raise LaplaceHubError("diag_lowrank needs --rank ≥ 1 directions and a non-negative oversampling")
         if self.kfac_approx == "reduce" and self.normalization == "per_token":
             raise LaplaceHubError("kfac_approx reduce aggregates over a sequence; per_token needs expand")
         if self.eig_rank is not None and (self.structure != "kron" or self.parameterization != "weight"):
@@ -147,6 +156,17 @@ def _accumulate(
         bar.set_postfix(tokens=counts.tokens, tokens_per_s=round(counts.tokens / (time.perf_counter() - start)))
 
 
+def diagonal_block(
+    acc: CurvatureAccumulator, name: str, param: str, scale: float, options: ComputeOptions
+) -> WeightBlock:
+    """The diag or diag_lowrank block of one parameter from its sums."""
+    diagonal = acc.sums[(name, param)] * scale
+    if options.structure == "diag":
+        return DiagBlock(diagonal)
+    sketch = acc.sums[(name, param, "sketch")] * scale
+    return diag_lowrank_from_sketch(diagonal, sketch, acc.directions[(name, param)], options.lowrank_rank)
+
+
 def _blocks(
     acc: CurvatureAccumulator, counts: _Counts, options: ComputeOptions, inits: Mapping[str, LoraInit]
 ) -> dict[str, Block]:
@@ -158,13 +178,12 @@ def _blocks(
     inputs: dict[str, Factor] = {}
     blocks: dict[str, Block] = {}
     for name in acc.modules:
-        if options.structure == "diag":
-            if name in inits:
-                blocks[name] = LoraPairBlock(
-                    DiagBlock(acc.sums[(name, "lora_A")] * out_scale), DiagBlock(acc.sums[(name, "lora_B")] * out_scale)
-                )
-            else:
-                blocks[name] = DiagBlock(acc.sums[(name, "weight")] * out_scale)
+        if options.structure.startswith("diag"):
+            params = [
+                diagonal_block(acc, name, p, out_scale, options)
+                for p in (("lora_A", "lora_B") if name in inits else ("weight",))
+            ]
+            blocks[name] = LoraPairBlock(params[0], params[1]) if name in inits else params[0]
             continue
         owner = acc.input_owner[name]
         if owner not in inputs:
@@ -222,11 +241,15 @@ def compute_artifact(
         for group, names in groups.items():
             acc = CurvatureAccumulator(
                 dict(targets),
-                "diag" if options.structure == "diag" else "kron",
+                "diag" if options.structure.startswith("diag") else "kron",
                 options.normalization,
                 options.kfac_approx,
                 batch_gradient=options.estimator == "batch_empirical",
-                lora=inits if options.structure == "diag" else {},
+                lora=inits if options.structure.startswith("diag") else {},
+                sketch_size=options.lowrank_rank + options.sketch_oversample
+                if options.structure == "diag_lowrank"
+                else 0,
+                seed=options.seed,
                 dtype=options.compute_dtype,
             )
             acc.attach()
@@ -278,7 +301,7 @@ def compute_artifact(
         ),
         loss="cross_entropy",
         normalization=options.normalization,
-        kfac_approx=None if options.structure == "diag" else options.kfac_approx,
+        kfac_approx=None if options.structure.startswith("diag") else options.kfac_approx,
         datasets=infos,
         datasets_combined="separate" if options.per_dataset else "summed",
         license=options.license,

@@ -28,7 +28,7 @@ def rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
-def all_reduce_sums(sums: dict[tuple[str, str], Tensor], counts: Mapping[str, C]) -> Mapping[str, C]:
+def all_reduce_sums(sums: dict[tuple[str, ...], Tensor], counts: Mapping[str, C]) -> Mapping[str, C]:
     """Sum tensors (in place) and integer counts over ranks; a no-op in a single process.
 
     Every rank must hold the same keys, so every rank must see at least one batch of every

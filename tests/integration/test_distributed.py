@@ -43,7 +43,7 @@ def _worker(rank: int, world: int, init_file: str, out: str, structure: str) -> 
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("structure", ["kron", "diag"])
+@pytest.mark.parametrize("structure", ["kron", "diag", "diag_lowrank"])
 def test_two_gloo_processes_equal_one(tmp_path: Path, structure: str) -> None:
     out = tmp_path / "artifact"
     mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(out), structure), nprocs=2, join=True)

@@ -51,6 +51,7 @@ STRUCTURES = [
     dict(structure="kron"),
     dict(structure="kron", eig_rank=3),
     dict(structure="kron", kfac_approx="reduce"),
+    dict(structure="diag_lowrank", lowrank_rank=2),
 ]
 
 
@@ -75,9 +76,9 @@ def test_weight_mode_equals_dense_quadratic_form(base, batches, options, rslora:
         torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-7)
 
 
-@pytest.mark.parametrize("cross", [False, True])
-def test_lora_init_mode_projects_once_at_init(base, batches, cross: bool) -> None:
-    art = artifact(base, batches, structure="kron")
+@pytest.mark.parametrize(("structure", "cross"), [("kron", False), ("kron", True), ("diag_lowrank", False)])
+def test_lora_init_mode_projects_once_at_init(base, batches, structure: str, cross: bool) -> None:
+    art = artifact(base, batches, structure=structure)
     model = peft_model(base)
     reg = LaplaceRegularizer.from_artifact(art, model, strength=2.0, mode="lora_init", cross=cross)
     inits = {m.name: (m.lora_a.detach().clone(), m.lora_b.detach().clone()) for m in adapted_modules(model)}

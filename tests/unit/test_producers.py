@@ -7,7 +7,7 @@ import torch
 from torch.func import functional_call, grad
 from transformers import LlamaForCausalLM
 
-from laplace_hub.curvature import DiagBlock, KronBlock, LoraPairBlock
+from laplace_hub.curvature import DiagBlock, DiagLowRankBlock, KronBlock, LoraPairBlock
 from laplace_hub.data import pad_batch
 from laplace_hub.errors import LaplaceHubError
 from laplace_hub.manifest import BaseModelInfo
@@ -85,23 +85,88 @@ def test_batch_empirical_is_squared_batch_gradient(model, batches) -> None:
     torch.testing.assert_close(art.block(name, dtype=torch.float64).diagonal, expected)
 
 
-def test_diag_per_token_equals_brute_force(model, batches) -> None:
-    art = run(model, batches, structure="diag", normalization="per_token")
-    name = "model.layers.1.mlp.down_proj"
+def per_token_grads(model, batches, name):
+    """Brute force: the gradient of each labelled token's log-likelihood, one token at a time."""
     base = dict(model.named_parameters())
-    squares, tokens = [], 0
     for ids, labels in sequences(batches):
         for t in range(1, len(ids)):
             if labels[t] == -100:
                 continue
             one = torch.full_like(labels, -100)
             one[t] = labels[t]
-            g = grad(lambda w, one=one, ids=ids: sequence_log_lik(model, {**base, f"{name}.weight": w}, ids, one))(
+            yield grad(lambda w, one=one, ids=ids: sequence_log_lik(model, {**base, f"{name}.weight": w}, ids, one))(
                 base[f"{name}.weight"]
             )
-            squares.append(g.square())
-            tokens += 1
-    torch.testing.assert_close(art.block(name, dtype=torch.float64).diagonal, torch.stack(squares).sum(0) / tokens)
+
+
+def test_diag_per_token_equals_brute_force(model, batches) -> None:
+    art = run(model, batches, structure="diag", normalization="per_token")
+    name = "model.layers.1.mlp.down_proj"
+    squares = [g.square() for g in per_token_grads(model, batches, name)]
+    torch.testing.assert_close(art.block(name, dtype=torch.float64).diagonal, torch.stack(squares).mean(0))
+
+
+def exact_diag_lowrank(grads: list[torch.Tensor], rank: int) -> torch.Tensor:
+    """Brute force: D + UUᵀ from the exact eigendecomposition of the dense mean outer product."""
+    g = torch.stack([x.reshape(-1) for x in grads])
+    fisher = g.T @ g / len(grads)
+    values, vectors = torch.linalg.eigh(fisher)
+    top = vectors[:, -rank:] * values[-rank:].clamp_min(0).sqrt()
+    low = top @ top.T
+    return torch.diag(torch.diagonal(fisher) - torch.diagonal(low)) + low
+
+
+def test_diag_lowrank_per_sequence_is_the_exact_top_eigenspace(model, batches) -> None:
+    """With a sketch wider than the 5 sequences (rank F ≤ 5) the Nyström sketch is exact."""
+    art = run(model, batches, structure="diag_lowrank", lowrank_rank=3, sketch_oversample=4)
+    names = list(art.manifest.modules)
+    grads = list(per_sequence_grads(model, batches, names))
+    for name in names:
+        block = art.block(name, dtype=torch.float64)
+        assert isinstance(block, DiagLowRankBlock) and block.rank == 3
+        torch.testing.assert_close(block.dense(), exact_diag_lowrank([g[f"{name}.weight"] for g, _ in grads], 3))
+    assert art.manifest.spec_version == "1.1"
+    assert validate_in_memory(art)
+
+
+def test_diag_lowrank_per_token_is_the_exact_top_eigenspace(model, batches) -> None:
+    art = run(model, batches, structure="diag_lowrank", normalization="per_token", lowrank_rank=2, sketch_oversample=14)
+    name = "model.layers.1.mlp.down_proj"
+    expected = exact_diag_lowrank(list(per_token_grads(model, batches, name)), 2)  # 15 tokens ≤ 16 directions
+    torch.testing.assert_close(art.block(name, dtype=torch.float64).dense(), expected)
+
+
+def test_diag_lowrank_sketch_smaller_than_the_data_still_bounds_the_fisher(model, batches) -> None:
+    """A narrow sketch is approximate, but D + UUᵀ keeps F's diagonal and never exceeds F (UUᵀ ⪯ F)."""
+    art = run(model, batches, structure="diag_lowrank", lowrank_rank=1, sketch_oversample=1)
+    name = "model.layers.0.self_attn.q_proj"
+    grads = [g[f"{name}.weight"].reshape(-1) for g, _ in per_sequence_grads(model, batches, [name])]
+    fisher = torch.stack(grads).T @ torch.stack(grads) / len(grads)
+    block = art.block(name, dtype=torch.float64)
+    torch.testing.assert_close(torch.diagonal(block.dense()), torch.diagonal(fisher))
+    low = block.lowrank.reshape(1, -1)
+    assert torch.linalg.eigvalsh(fisher - low.T @ low).min() > -1e-10
+
+
+def test_lora_diag_lowrank_equals_brute_force_lora_fisher(model, batches) -> None:
+    art = run(
+        model,
+        batches,
+        structure="diag_lowrank",
+        parameterization="lora",
+        lora_rank=2,
+        lora_alpha=4.0,
+        lowrank_rank=2,
+        sketch_oversample=4,
+    )
+    name = "model.layers.0.self_attn.v_proj"
+    a0, b0 = (t.double() for t in art.lora_init(name))
+    grads = [g[f"{name}.weight"] for g, _ in per_sequence_grads(model, batches, [name])]
+    pair = art.block(name, dtype=torch.float64)
+    assert isinstance(pair, LoraPairBlock) and isinstance(pair.b, DiagLowRankBlock)
+    torch.testing.assert_close(pair.b.dense(), exact_diag_lowrank([2.0 * g @ a0.T for g in grads], 2))
+    assert torch.count_nonzero(pair.a.dense()) == 0 and torch.count_nonzero(b0) == 0  # B₀ = 0: no curvature on A
+    assert validate_in_memory(art)
 
 
 def positions(model, batches, name):
