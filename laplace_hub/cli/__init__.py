@@ -12,10 +12,19 @@ import sys
 from collections.abc import Sequence
 
 from laplace_hub import __version__
-from laplace_hub.cli import compute_cmd, demo_cmd, hub_cmds, inspect_cmd, merge_cmd, sweep_cmd, validate_cmd
+from laplace_hub.cli import (
+    compute_cmd,
+    continual_cmd,
+    demo_cmd,
+    hub_cmds,
+    inspect_cmd,
+    merge_cmd,
+    sweep_cmd,
+    validate_cmd,
+)
 from laplace_hub.errors import LaplaceHubError
 
-COMMANDS = (demo_cmd, compute_cmd, validate_cmd, inspect_cmd, merge_cmd, hub_cmds, sweep_cmd)
+COMMANDS = (demo_cmd, compute_cmd, validate_cmd, inspect_cmd, merge_cmd, hub_cmds, sweep_cmd, continual_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -37,7 +37,7 @@ def register(sub: Any) -> None:
     p.add_argument("model", help="model folder, Hub id, or 'smollm2'")
     p.add_argument("--gguf-file")
     p.add_argument("--source", required=True, metavar="NAME=PATH", help="source text (as for compute)")
-    p.add_argument("--target", choices=["arithmetic"], help="a generated target task instead of files")
+    p.add_argument("--target", choices=["arithmetic", "sorting"], help="a generated target task instead of files")
     p.add_argument("--target-train", type=Path)
     p.add_argument("--target-val", type=Path)
     p.add_argument("--target-test", type=Path)
@@ -46,12 +46,12 @@ def register(sub: Any) -> None:
         action="append",
         default=[],
         metavar="STRUCTURE=DIR",
-        help="use this artifact for diag, kron or kron_eig instead of computing it",
+        help="use this artifact for diag, diag_lowrank, kron or kron_eig instead of computing it",
     )
     p.add_argument(
         "--methods",
-        default="lora,l2,diag,kron,kron_eig,lora_init,mtt,milora,flat_lora,migu",
-        help="lora (none), l2, diag, kron, kron_eig (weight-space LaLoRA), lora_init (the paper's), "
+        default="lora,l2,diag,diag_lowrank,kron,kron_eig,lora_init,mtt,milora,flat_lora,migu",
+        help="lora (none), l2, diag, diag_lowrank, kron, kron_eig (weight-space LaLoRA), lora_init (the paper's), "
         "mtt (Mask-the-Target), milora, flat_lora (own ρ grid 0.01,0.05,0.1), migu (own t grid .25,.5,.75)",
     )
     p.add_argument("--strengths", default="10,100,1000")
@@ -79,16 +79,15 @@ def register(sub: Any) -> None:
 
 
 def _targets(args: argparse.Namespace) -> dict[str, Any]:
-    from laplace_hub.evaluation.tasks import arithmetic_splits, read_examples
+    from laplace_hub.evaluation.tasks import read_examples, task_splits
 
-    if args.target == "arithmetic":
-        return arithmetic_splits(256, 100, 100)
+    if args.target is not None:
+        return task_splits(args.target, 256, 100, 100)
     files = {"train": args.target_train, "validation": args.target_val, "test": args.target_test}
     missing = [k for k, v in files.items() if v is None]
     if missing:
         raise LaplaceHubError(
-            f"give --target arithmetic or all of --target-train/--target-val/--target-test "
-            f"(missing: {', '.join(missing)})"
+            f"give --target TASK or all of --target-train/--target-val/--target-test (missing: {', '.join(missing)})"
         )
     return {k: read_examples(v) for k, v in files.items()}
 
@@ -125,8 +124,10 @@ def run(args: argparse.Namespace) -> int:
     given = {}
     for item in args.artifact:
         structure, _, folder = item.partition("=")
-        if structure not in ("diag", "kron", "kron_eig") or not folder:
-            raise LaplaceHubError(f"--artifact {item!r}: expected diag=DIR, kron=DIR or kron_eig=DIR")
+        if structure not in ("diag", "diag_lowrank", "kron", "kron_eig") or not folder:
+            raise LaplaceHubError(
+                f"--artifact {item!r}: expected STRUCTURE=DIR, STRUCTURE diag, diag_lowrank, kron or kron_eig"
+            )
         given[structure] = Artifact.open(folder, verify_checksums=True)
     targets = _targets(args)
     source = DatasetSpec.parse(args.source)

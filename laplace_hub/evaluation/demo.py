@@ -19,7 +19,7 @@ from laplace_hub.evaluation.sweep import (
     split_source,
     summarize,
 )
-from laplace_hub.evaluation.tasks import arithmetic_splits
+from laplace_hub.evaluation.tasks import task_splits
 from laplace_hub.hub import pull, push
 from laplace_hub.manifest import BaseModelInfo
 from laplace_hub.models import SMOLLM2_REPO_ID, load_model, select_targets
@@ -88,7 +88,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         f"[fine-tuner] pulled {SMOLLM2_REPO_ID} --subfolder laplace (checksums verified): "
         f"{len(pulled.manifest.modules)} modules"
     )
-    splits = arithmetic_splits(cfg.n_train, cfg.n_val, cfg.n_test, seed=cfg.seed)
+    splits = task_splits("arithmetic", cfg.n_train, cfg.n_val, cfg.n_test, seed=cfg.seed)
     data = SweepData(splits["train"], splits["validation"], splits["test"], curvature, source_val, source_test)
     rows = run_sweep(model, tokenizer, data, cfg.sweep, {"kron": pulled})
     summary = summarize(rows)

@@ -29,11 +29,29 @@ from laplace_hub.manifest import BaseModelInfo
 from laplace_hub.models import select_targets
 from laplace_hub.producers import ComputeOptions, compute_artifact
 
-METHODS = ("lora", "l2", "diag", "kron", "kron_eig", "lora_init", "mtt", "milora", "flat_lora", "migu")
+METHODS = (
+    "lora",
+    "l2",
+    "diag",
+    "diag_lowrank",
+    "kron",
+    "kron_eig",
+    "lora_init",
+    "mtt",
+    "milora",
+    "flat_lora",
+    "migu",
+)
 # methods whose knob is not a penalty strength sweep their own grid: Flat-LoRA's ρ, MIGU's fraction t
 OWN_GRIDS = {"lora": (0.0,), "milora": (0.0,), "flat_lora": (0.01, 0.05, 0.1), "migu": (0.25, 0.5, 0.75)}
 # which weight-space artifact each method reads; lora_init is the paper's LaLoRA (diag at the init)
-ARTIFACT_FOR = {"diag": "diag", "kron": "kron", "kron_eig": "kron_eig", "lora_init": "diag"}
+ARTIFACT_FOR = {
+    "diag": "diag",
+    "diag_lowrank": "diag_lowrank",
+    "kron": "kron",
+    "kron_eig": "kron_eig",
+    "lora_init": "diag",
+}
 METRICS = ("target_em", "source_nll", "source_accuracy")
 
 
@@ -50,6 +68,8 @@ class SweepConfig:
     batch_size: int = 8
     lr: float = 2e-3
     eig_rank: int = 32
+    lowrank_rank: int = 16
+    check_fingerprint: bool = True
 
     def check(self) -> None:
         """Refuse unknown methods and empty grids."""
@@ -97,6 +117,7 @@ def curvature_artifacts(model: Any, data: SweepData, cfg: SweepConfig) -> dict[s
     """The weight-space artifacts the methods need, computed once on the curvature split."""
     options = {
         "diag": ComputeOptions(structure="diag"),
+        "diag_lowrank": ComputeOptions(structure="diag_lowrank", lowrank_rank=cfg.lowrank_rank),
         "kron": ComputeOptions(structure="kron"),
         "kron_eig": ComputeOptions(structure="kron", eig_rank=cfg.eig_rank),
     }
@@ -109,13 +130,15 @@ def curvature_artifacts(model: Any, data: SweepData, cfg: SweepConfig) -> dict[s
     }
 
 
-def _regularizer(method: str, strength: float, model: Any, artifacts: Mapping[str, Artifact]) -> Any:
+def _regularizer(method: str, strength: float, model: Any, artifacts: Mapping[str, Artifact], cfg: SweepConfig) -> Any:
     if method not in ARTIFACT_FOR and method != "l2":
         return None
     if method == "l2":
         return LaplaceRegularizer.identity(model, strength=strength)
     mode: Literal["weight", "lora_init"] = "lora_init" if method == "lora_init" else "weight"
-    return LaplaceRegularizer.from_artifact(artifacts[ARTIFACT_FOR[method]], model, strength=strength, mode=mode)
+    return LaplaceRegularizer.from_artifact(
+        artifacts[ARTIFACT_FOR[method]], model, strength=strength, mode=mode, check_fingerprint=cfg.check_fingerprint
+    )
 
 
 def finetune(
@@ -138,7 +161,7 @@ def finetune(
     model = get_peft_model(copy.deepcopy(base), config)
     if method == "milora":
         milora_init(model)
-    reg = _regularizer(method, strength, model, artifacts)
+    reg = _regularizer(method, strength, model, artifacts, cfg)
     mask_the_target = MaskTheTarget(model, strength) if method == "mtt" else None
     flat = FlatLoRA(model, strength, seed) if method == "flat_lora" else None
     migu = MIGU(model, strength) if method == "migu" else None

@@ -1,9 +1,10 @@
-"""Target tasks as prompt/completion examples: generated arithmetic, or the user's own file."""
+"""Target tasks as prompt/completion examples: generated (arithmetic, sorting), or the user's own file."""
 
 from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,13 +35,22 @@ def _problem(rng: random.Random) -> Example:
     return Example(f"Q: {question}\nA:", f" {answer}")
 
 
-def arithmetic_splits(n_train: int, n_val: int, n_test: int, seed: int = 0) -> dict[str, list[Example]]:
-    """Disjoint train/validation/test arithmetic word problems (three multi-step templates)."""
+def _sorting(rng: random.Random) -> Example:
+    numbers = rng.sample(range(1, 100), rng.choice((3, 4)))
+    return Example(f"Q: Sort ascending: {' '.join(map(str, numbers))}\nA:", " " + " ".join(map(str, sorted(numbers))))
+
+
+# name → one random example: arithmetic word problems (three multi-step templates), or sorting lists
+TASKS: dict[str, Callable[[random.Random], Example]] = {"arithmetic": _problem, "sorting": _sorting}
+
+
+def task_splits(task: str, n_train: int, n_val: int, n_test: int, seed: int = 0) -> dict[str, list[Example]]:
+    """Disjoint train/validation/test examples of a generated task (a name in :data:`TASKS`)."""
     rng = random.Random(seed)
     seen: set[str] = set()
     examples: list[Example] = []
     while len(examples) < n_train + n_val + n_test:
-        example = _problem(rng)
+        example = TASKS[task](rng)
         if example.prompt not in seen:
             seen.add(example.prompt)
             examples.append(example)

@@ -1,0 +1,143 @@
+"""Two tasks in sequence on a real model: does the merged posterior keep the source and task 1.
+
+Task 0 is the pretrained model with its K-FAC prior on source text. Task 1 is learnt with LoRA
+under that prior and merged into the weights; its own curvature, computed at the new weights on
+its training data, is merged into the prior (``laplace-hub merge``). Task 2 is then learnt three
+ways from the task-1 weights: plain LoRA, the old source prior alone, and the merged posterior.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from laplace_hub.artifact import merge
+from laplace_hub.data import Batch, pydoc_texts
+from laplace_hub.evaluation.demo import say
+from laplace_hub.evaluation.metrics import exact_match, example_batches, source_metrics
+from laplace_hub.evaluation.report import write_json, write_rows
+from laplace_hub.evaluation.sweep import SweepConfig, finetune, split_source
+from laplace_hub.evaluation.tasks import Example, task_splits
+from laplace_hub.manifest import BaseModelInfo
+from laplace_hub.models import SMOLLM2_REPO_ID, load_model, select_targets
+from laplace_hub.producers import ComputeOptions, compute_artifact
+
+METRICS = ("source_nll", "task1_em", "task2_em")
+
+
+@dataclass(frozen=True)
+class ContinualConfig:
+    """The two tasks, the penalty and the LoRA recipe (that of the sweep)."""
+
+    out: Path = Path("out/continual")
+    task1: str = "arithmetic"
+    task2: str = "sorting"
+    strength: float = 10.0
+    decay: float = 1.0
+    seeds: tuple[int, ...] = (0, 1, 2)
+    curvature_batches: int = 8
+    eval_batches: int = 4
+    batch_size: int = 4
+    max_length: int = 64
+    n_train: int = 256
+    n_test: int = 100
+    recipe: SweepConfig = field(default_factory=SweepConfig)
+
+
+def _measure(model: Any, tokenizer: Any, source: Sequence[Batch], tests: dict[str, list[Example]]) -> dict[str, float]:
+    scores = {
+        f"{task}_em": exact_match(model, example_batches(examples, tokenizer)) for task, examples in tests.items()
+    }
+    return {"source_nll": source_metrics(model, source)["source_nll"], **scores}
+
+
+def run_continual(cfg: ContinualConfig) -> dict[str, Any]:
+    """Rows per (variant, seed) after task 2, the reference rows, and a summary of means."""
+    model, tokenizer = load_model("smollm2")
+    curvature, _, source_test = split_source(
+        pydoc_texts(),
+        tokenizer,
+        curvature_batches=cfg.curvature_batches,
+        eval_batches=cfg.eval_batches,
+        batch_size=cfg.batch_size,
+        max_length=cfg.max_length,
+    )
+    task1 = task_splits(cfg.task1, cfg.n_train, 0, cfg.n_test, seed=1)
+    task2 = task_splits(cfg.task2, cfg.n_train, 0, cfg.n_test, seed=2)
+    tests = {"task1": task1["test"], "task2": task2["test"]}
+    kron = ComputeOptions(structure="kron")
+
+    say(f"[task 0] K-FAC prior of SmolLM2 on pydoc ({len(curvature)} batches)")
+    prior = compute_artifact(
+        model,
+        {"pydoc": curvature},
+        select_targets(model, cfg.recipe.targets),
+        kron,
+        BaseModelInfo(repo_id=SMOLLM2_REPO_ID),
+    )
+    say(f"[task 1] LoRA on {cfg.task1} with the prior, λ={cfg.strength:g}; merged into the weights")
+    adapted, _ = finetune(model, tokenizer, task1["train"], "kron", cfg.strength, {"kron": prior}, cfg.recipe, 0)
+    after_1 = adapted.merge_and_unload()
+    task1_batches = example_batches(task1["train"], tokenizer, cfg.batch_size)[: cfg.curvature_batches]
+    say(f"[task 1] K-FAC at the new weights on {len(task1_batches)} batches of task 1; merge with decay {cfg.decay:g}")
+    new = compute_artifact(
+        after_1,
+        {cfg.task1: task1_batches},
+        select_targets(after_1, cfg.recipe.targets),
+        kron,
+        BaseModelInfo(repo_id=f"{SMOLLM2_REPO_ID}+{cfg.task1}"),
+    )
+    posterior = merge(prior, new, decay=cfg.decay).save(cfg.out / "posterior", overwrite=True)
+    rows = [
+        {"variant": "base model", "seed": None, **_measure(model, tokenizer, source_test, tests)},
+        {"variant": "after task 1", "seed": None, **_measure(after_1, tokenizer, source_test, tests)},
+    ]
+    variants = {
+        "plain LoRA": ("lora", {}),
+        "source prior only": ("kron", {"kron": prior}),  # computed at the base weights, used at task 1's
+        "merged posterior": ("kron", {"kron": posterior}),
+    }
+    for variant, (method, artifacts) in variants.items():
+        recipe = dataclasses.replace(cfg.recipe, check_fingerprint=variant != "source prior only")
+        for seed in cfg.seeds:
+            say(f"[task 2] {cfg.task2}: {variant}, seed {seed}")
+            tuned, _ = finetune(after_1, tokenizer, task2["train"], method, cfg.strength, artifacts, recipe, seed)
+            rows.append({"variant": variant, "seed": seed, **_measure(tuned, tokenizer, source_test, tests)})
+    write_rows(rows, cfg.out / "runs.csv")
+    config = {"task1": cfg.task1, "task2": cfg.task2, "strength": cfg.strength, "decay": cfg.decay}
+    result = {"config": config, "summary": summarize(rows)}
+    write_json(result, cfg.out / "continual.json")
+    return result
+
+
+def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean and standard deviation over seeds per variant, in the order the variants ran."""
+    out = []
+    for variant in dict.fromkeys(r["variant"] for r in rows):
+        members = [r for r in rows if r["variant"] == variant]
+        entry: dict[str, Any] = {"variant": variant, "seeds": len(members)}
+        for metric in METRICS:
+            values = [m[metric] for m in members]
+            entry[metric] = statistics.fmean(values)
+            entry[f"{metric}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        out.append(entry)
+    return out
+
+
+def format_table(summary: Sequence[dict[str, Any]]) -> str:
+    """A Markdown table of the summary (test means ± sd over seeds)."""
+    lines = [
+        "| model | seeds | source NLL | task-1 EM | task-2 EM |",
+        "|---|---|---|---|---|",
+    ]
+    for s in summary:
+        cells = [
+            f"{s[m]:.4f} ± {s[m + '_std']:.4f}" if m == "source_nll" else f"{s[m]:.3f} ± {s[m + '_std']:.3f}"
+            for m in METRICS
+        ]
+        lines.append(f"| {s['variant']} | {s['seeds']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
