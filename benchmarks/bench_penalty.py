@@ -65,6 +65,13 @@ def main() -> None:
     artifacts["kron_eig (k=64)"] = compute_artifact(
         base, {"s": source}, targets, ComputeOptions(structure="kron", eig_rank=64), BaseModelInfo(repo_id="b")
     )
+    artifacts["diag_lowrank (k=16)"] = compute_artifact(
+        base,
+        {"s": source},
+        targets,
+        ComputeOptions(structure="diag_lowrank", lowrank_rank=16),
+        BaseModelInfo(repo_id="b"),
+    )
     model = get_peft_model(
         copy.deepcopy(base),
         LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=TARGETS.split(","), lora_dropout=0.0),
