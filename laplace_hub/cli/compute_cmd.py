@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -126,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
         normalization=args.normalization,
         kfac_approx=args.kfac_approx,
         eig_rank=args.rank if args.structure != "diag_lowrank" else None,
-        lowrank_rank=args.rank or 8,
+        lowrank_rank=8 if args.rank is None else args.rank,
         parameterization=args.parameterization,
         lora_rank=args.lora_rank,
         lora_alpha=args.lora_alpha,
@@ -187,5 +186,6 @@ def run(args: argparse.Namespace) -> int:
             f"{summary['seconds']} s ({summary['tokens_per_second']} tokens/s), "
             f"{'valid' if report.valid else 'INVALID'}"
         )
-        print(json.dumps(summary["datasets"]))
+        for d in saved.manifest.datasets:
+            print(f"  {d.name}: {d.sequences} sequences, {d.tokens} tokens, {d.batches} batches ({d.source})")
     return 0 if report.valid else 1

@@ -8,13 +8,13 @@ import pytest
 
 from laplace_hub.cli import COMMANDS, build_parser, main
 
-NAMES = ["demo", "compute", "validate", "inspect", "push", "pull", "find", "sweep"]
+NAMES = ["demo", "compute", "validate", "inspect", "merge", "push", "pull", "find", "sweep", "continual"]
 
 
 def test_every_command_is_registered() -> None:
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     assert sorted(sub.choices) == sorted(NAMES)  # type: ignore[union-attr]
-    assert len(COMMANDS) == 6
+    assert len(COMMANDS) == 8
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -48,6 +48,24 @@ def test_bad_flag_is_a_usage_error(name: str, capsys: pytest.CaptureFixture[str]
         (
             ["sweep", "smollm2", "--source", "x={tmp}/none.txt", "--target", "arithmetic", "--out", "{tmp}/s"],
             "no such file",
+        ),
+        (["merge", "{tmp}/a", "{tmp}/b", "--out", "{tmp}/c"], "no laplace-hub artifact"),
+        (["continual", "--task1", "sorting", "--task2", "sorting"], "must differ"),
+        (["continual", "--decay", "1.5"], "--decay must lie in (0, 1]"),
+        (
+            [
+                "compute",
+                "smollm2",
+                "--data",
+                "x=stdlib:pydoc",
+                "--out",
+                "{tmp}/a",
+                "--structure",
+                "diag_lowrank",
+                "--rank",
+                "0",
+            ],
+            "rank ≥ 1",
         ),
         (["find", "--base-model", "a/b", "--hub", "{tmp}"], None),
     ],
