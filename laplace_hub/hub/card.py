@@ -30,9 +30,32 @@ def card_metadata(artifact: Artifact) -> dict[str, Any]:
             "datasets": [{"name": d.name, "sequences": d.sequences, "tokens": d.tokens} for d in m.datasets],
         },
     }
+    if m.lineage:
+        metadata["laplace_hub"]["lineage_parts"] = len(m.lineage)
     if m.license:
         metadata["license"] = m.license
     return metadata
+
+
+def _lineage_section(artifact: Artifact) -> str:
+    lineage = artifact.manifest.lineage
+    if not lineage:
+        return ""
+    rows = "\n".join(
+        f"| {i} | {e.base_model.repo_id}{'@' + e.base_model.revision if e.base_model.revision else ''} "
+        f"| {', '.join(e.datasets)} | {e.decay:g} | {e.source or ''} |"
+        for i, e in enumerate(lineage)
+    )
+    return f"""
+## Lineage (a continual posterior)
+
+Precisions of {len(lineage)} computed artifacts, oldest first, each multiplied by its decay; the mean
+is the base model above (the weights after the latest task).
+
+| part | computed at | datasets | decay | read from |
+|---|---|---|---|---|
+{rows}
+"""
 
 
 def build_card(artifact: Artifact, repo_id: str, subfolder: str = "") -> str:
@@ -60,7 +83,7 @@ model's source loss over {info["modules"]} linear modules, {info["total_bytes"] 
 | dataset | sequences | tokens | batches | source |
 |---|---|---|---|---|
 {datasets}
-
+{_lineage_section(artifact)}
 ## Use it to fine-tune with less forgetting (LaLoRA)
 
 ```python

@@ -135,3 +135,34 @@ def test_shortened_demo_end_to_end(tmp_path: Path) -> None:
     assert {s["method"] for s in report["summary"]} == {"base", "lora", "kron"}
     assert (tmp_path / "pareto.png").stat().st_size > 10_000 and (tmp_path / "runs.csv").is_file()
     assert (tmp_path / "hub" / "HuggingFaceTB" / "SmolLM2-135M-Instruct" / "laplace" / "README.md").is_file()
+
+
+def test_diag_lowrank_on_smollm2_and_merge(tmp_path: Path) -> None:
+    common = ["smollm2", "--data", "pydoc=stdlib:pydoc", "--targets", "v_proj", "--batch-size", "2"]
+    common += ["--max-length", "32", "--structure", "diag_lowrank", "--rank", "4"]
+    for name, batches in (("a", "2"), ("b", "3")):
+        result = run_cli("compute", *common, "--num-batches", batches, "--out", str(tmp_path / name))
+        assert result.returncode == 0, result.stderr[-2000:]
+    art = Artifact.open(tmp_path / "a", verify_checksums=True)
+    assert art.manifest.spec_version == "1.1"
+    assert art.block("model.layers.0.self_attn.v_proj").lowrank.shape == (4, 192, 576)
+    merged = run_cli("merge", str(tmp_path / "a"), str(tmp_path / "b"), "--decay", "0.5", "--out", str(tmp_path / "c"))
+    assert merged.returncode == 0, merged.stderr[-2000:]
+    lineage = Artifact.open(tmp_path / "c").manifest.lineage
+    assert lineage is not None and [e.decay for e in lineage] == [0.5, 1.0]
+
+
+def test_shortened_continual_run(tmp_path: Path) -> None:
+    result = run_cli("continual", "--steps", "2", "--seeds", "0", "--out", str(tmp_path), "--json")
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads(result.stdout)["summary"]
+    assert [s["variant"] for s in summary] == [
+        "base model",
+        "after task 1",
+        "plain LoRA",
+        "source prior only",
+        "merged posterior",
+    ]
+    posterior = Artifact.open(tmp_path / "posterior", verify_checksums=True)
+    assert posterior.manifest.lineage is not None and len(posterior.manifest.lineage) == 2
+    assert posterior.manifest.base_model.fingerprint != posterior.manifest.lineage[0].base_model.fingerprint

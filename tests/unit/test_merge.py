@@ -185,3 +185,13 @@ def test_cli_merge_writes_a_valid_posterior_and_refuses_bad_input(tmp_path: Path
     assert not (tmp_path / "d").exists()
     missing = run_cli("merge", str(tmp_path / "a"), str(tmp_path / "nope"), "--out", str(tmp_path / "d"))
     assert missing.returncode == 1 and len(missing.stderr.strip().splitlines()) == 1
+
+
+def test_the_model_card_of_a_posterior_lists_its_lineage() -> None:
+    from laplace_hub.hub.card import build_card, card_metadata
+    from tests.conftest import CONFORMANCE_1_1
+
+    posterior = Artifact.open(CONFORMANCE_1_1 / "valid" / "merged-kron")
+    assert card_metadata(posterior)["laplace_hub"]["lineage_parts"] == 2
+    card = build_card(posterior, "me/posterior")
+    assert "## Lineage" in card and "| 0 | example/model | source | 0.5 |" in card
