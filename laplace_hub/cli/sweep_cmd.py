@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -31,6 +32,7 @@ def register(sub: Any) -> None:
         "  laplace-hub sweep ./my-model --source wiki=wiki.txt --target-train t.jsonl --target-val v.jsonl \\\n"
         "      --target-test s.jsonl --methods lora,l2,diag,kron --strengths 1,10,100 --seeds 0,1,2 \\\n"
         "      --artifact kron=./pulled-artifact --priority learning --budget 0.02 --out sweep/ --json\n"
+        "  laplace-hub sweep smollm2 --source pydoc=stdlib:pydoc --target arithmetic --out sweep/ --resume\n"
         'Target files are .jsonl of {"prompt": ..., "completion": ...}; the source file is split 3/4 for\n'
         "the curvature and 1/8 + 1/8 for validation and test of forgetting.",
     )
@@ -52,7 +54,8 @@ def register(sub: Any) -> None:
         "--methods",
         default="lora,l2,diag,diag_lowrank,kron,kron_eig,lora_init,mtt,milora,flat_lora,migu",
         help="lora (none), l2, diag, diag_lowrank, kron, kron_eig (weight-space LaLoRA), lora_init (the paper's), "
-        "mtt (Mask-the-Target), milora, flat_lora (own ρ grid 0.01,0.05,0.1), migu (own t grid .25,.5,.75)",
+        "mtt (Mask-the-Target, own KL-weight grid 0.1,1,10), milora, flat_lora (own ρ grid 0.01,0.05,0.1), "
+        "migu (own t grid .25,.5,.75)",
     )
     p.add_argument("--strengths", default="10,100,1000")
     p.add_argument("--seeds", default="0,1,2")
@@ -74,6 +77,11 @@ def register(sub: Any) -> None:
     p.add_argument("--tolerance", type=float, default=0.01, help="what 'matched' accuracy means (0.01 = 1 point)")
     p.add_argument("--budget", type=float, help="allowed source NLL rise for --priority learning")
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the runs already in OUT/runs.csv (an interrupted sweep, or other methods) and run only the rest",
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=run)
 
@@ -97,13 +105,14 @@ def run(args: argparse.Namespace) -> int:
     from laplace_hub.artifact import Artifact
     from laplace_hub.cli.compute_cmd import check_source, load_texts
     from laplace_hub.data import DatasetSpec
-    from laplace_hub.evaluation.report import pareto_plot, table, write_json, write_rows
+    from laplace_hub.evaluation.report import pareto_plot, read_rows, table, write_json, write_rows
     from laplace_hub.evaluation.sweep import (
         SweepConfig,
         SweepData,
         choices_json,
         choose,
         curvature_artifacts,
+        pending_runs,
         run_sweep,
         split_source,
         summarize,
@@ -143,9 +152,11 @@ def run(args: argparse.Namespace) -> int:
         max_length=args.max_length,
     )
     data = SweepData(targets["train"], targets["validation"], targets["test"], curvature, source_val, source_test)
-    missing = SweepConfig(**{**cfg.__dict__, "methods": tuple(m for m in cfg.methods if m not in given)})
+    done = read_rows(args.out / "runs.csv") if args.resume and (args.out / "runs.csv").is_file() else []
+    pending = {method for method, _, _ in pending_runs(cfg, done)}
+    missing = dataclasses.replace(cfg, methods=tuple(m for m in cfg.methods if m in pending and m not in given))
     artifacts = {**curvature_artifacts(model, data, missing), **given}
-    rows = run_sweep(model, tokenizer, data, cfg, artifacts)
+    rows = run_sweep(model, tokenizer, data, cfg, artifacts, done, save=lambda r: write_rows(r, args.out / "runs.csv"))
     summary = summarize(rows)
     choices = choose(summary, args.priority, args.tolerance, args.budget)
     write_rows(rows, args.out / "runs.csv")

@@ -21,6 +21,20 @@ def write_rows(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
         writer.writerows(rows)
 
 
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """Rows that :func:`write_rows` wrote, with numbers as numbers (an empty seed is ``None``)."""
+
+    def value(column: str, text: str) -> Any:
+        if column == "method":
+            return text
+        if column == "seed":
+            return int(text) if text else None
+        return float(text)
+
+    with path.open(newline="") as f:
+        return [{column: value(column, text) for column, text in row.items()} for row in csv.DictReader(f)]
+
+
 def write_json(data: Any, path: Path) -> None:
     """Any JSON-able result."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,7 @@ import copy
 import random
 import statistics
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -43,7 +43,13 @@ METHODS = (
     "migu",
 )
 # methods whose knob is not a penalty strength sweep their own grid: Flat-LoRA's ρ, MIGU's fraction t
-OWN_GRIDS = {"lora": (0.0,), "milora": (0.0,), "flat_lora": (0.01, 0.05, 0.1), "migu": (0.25, 0.5, 0.75)}
+OWN_GRIDS = {
+    "lora": (0.0,),
+    "milora": (0.0,),
+    "mtt": (0.1, 1.0, 10.0),  # a KL weight per token, not a count of source sequences
+    "flat_lora": (0.01, 0.05, 0.1),
+    "migu": (0.25, 0.5, 0.75),
+}
 # which weight-space artifact each method reads; lora_init is the paper's LaLoRA (diag at the init)
 ARTIFACT_FOR = {
     "diag": "diag",
@@ -198,17 +204,37 @@ def evaluate(model: Any, tokenizer: Any, data: SweepData) -> dict[str, float]:
     return out
 
 
+def planned_runs(cfg: SweepConfig) -> list[tuple[str, float, int]]:
+    """Every (method, strength, seed) of the grid; methods with their own knob use their own grid."""
+    return [(m, s, seed) for m in cfg.methods for s in OWN_GRIDS.get(m, cfg.strengths) for seed in cfg.seeds]
+
+
+def pending_runs(cfg: SweepConfig, done: Sequence[Mapping[str, Any]]) -> list[tuple[str, float, int]]:
+    """The planned runs that ``done`` (rows of an earlier, interrupted or narrower sweep) lacks."""
+    have = {(r["method"], float(r["strength"]), r["seed"]) for r in done}
+    return [run for run in planned_runs(cfg) if run not in have]
+
+
 def run_sweep(
-    base: Any, tokenizer: Any, data: SweepData, cfg: SweepConfig, artifacts: Mapping[str, Artifact]
+    base: Any,
+    tokenizer: Any,
+    data: SweepData,
+    cfg: SweepConfig,
+    artifacts: Mapping[str, Artifact],
+    done: Sequence[Mapping[str, Any]] = (),
+    save: Callable[[list[dict[str, Any]]], object] | None = None,
 ) -> list[dict[str, Any]]:
-    """One row per run (plus the base model's row, method ``base``)."""
+    """One row per run (plus the base model's row, method ``base``), ``done`` rows kept as they are.
+
+    ``save`` gets all rows after every run, so that an interrupted sweep resumes where it stopped.
+    """
     cfg.check()
-    rows: list[dict[str, Any]] = [
-        {"method": "base", "strength": 0.0, "seed": None, "seconds": 0.0, **evaluate(base, tokenizer, data)}
-    ]
-    grid = [(m, s) for m in cfg.methods for s in OWN_GRIDS.get(m, cfg.strengths)]
-    runs = [(m, s, seed) for m, s in grid for seed in cfg.seeds]
-    for method, strength, seed in tqdm(runs, desc="sweep", unit="run"):
+    rows = [dict(r) for r in done]
+    if not any(r["method"] == "base" for r in rows):
+        rows.insert(
+            0, {"method": "base", "strength": 0.0, "seed": None, "seconds": 0.0, **evaluate(base, tokenizer, data)}
+        )
+    for method, strength, seed in tqdm(pending_runs(cfg, done), desc="sweep", unit="run"):
         model, seconds = finetune(base, tokenizer, data.train, method, strength, artifacts, cfg, seed)
         rows.append(
             {
@@ -219,6 +245,8 @@ def run_sweep(
                 **evaluate(model, tokenizer, data),
             }
         )
+        if save is not None:
+            save(rows)
     return rows
 
 

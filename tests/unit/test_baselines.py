@@ -10,7 +10,7 @@ from peft import LoraConfig, get_peft_model
 from laplace_hub.consumers import adapted_modules
 from laplace_hub.data import pad_batch
 from laplace_hub.evaluation.baselines import MIGU, FlatLoRA, milora_init
-from tests.conftest import tiny_llama
+from tests.conftest import Words, tiny_llama
 
 BATCH = pad_batch([[1, 2, 3, 4, 5], [6, 7, 8, 9]], 0)
 
@@ -70,7 +70,6 @@ def test_migu_updates_only_the_top_rows() -> None:
 def test_sweep_runs_each_baseline() -> None:
     from laplace_hub.evaluation.sweep import OWN_GRIDS, SweepConfig, finetune
     from laplace_hub.evaluation.tasks import Example
-    from tests.unit.test_mask_the_target import Words
 
     train = [Example(f"q {i}", f" a{i}") for i in range(8)]
     for method in ("milora", "flat_lora", "migu"):

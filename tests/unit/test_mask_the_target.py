@@ -11,7 +11,7 @@ from peft import LoraConfig, get_peft_model
 from laplace_hub.consumers.mask_the_target import MaskTheTarget, mask_the_target_kl
 from laplace_hub.data import pad_batch
 from laplace_hub.errors import ModelMismatchError
-from tests.conftest import tiny_llama
+from tests.conftest import Words, tiny_llama
 
 
 def brute_force(base_logits, logits, labels) -> float:
@@ -65,15 +65,6 @@ def test_regulariser_on_a_peft_model() -> None:
     assert float(reg(batch, logits)) == pytest.approx(expected, rel=1e-5)
     with pytest.raises(ModelMismatchError, match="PEFT"):
         MaskTheTarget(base, strength=1.0)
-
-
-class Words:
-    """A whitespace tokenizer over the tiny model's vocabulary."""
-
-    pad_token_id, eos_token_id = 0, 1
-
-    def __call__(self, text: str) -> dict[str, list[int]]:
-        return {"input_ids": [2 + (sum(map(ord, w)) % 21) for w in text.split()]}
 
 
 def test_sweep_runs_mask_the_target() -> None:

@@ -1,0 +1,62 @@
+"""Sweeps: the grid, resuming an interrupted sweep, and the CSV round trip, on a tiny model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from laplace_hub.data import pad_batch
+from laplace_hub.evaluation.report import read_rows, write_rows
+from laplace_hub.evaluation.sweep import SweepConfig, SweepData, pending_runs, planned_runs, run_sweep
+from laplace_hub.evaluation.tasks import Example, task_splits
+from tests.conftest import Words, tiny_llama
+
+CFG = SweepConfig(
+    methods=("lora", "l2", "mtt"), strengths=(1.0, 10.0), seeds=(0,), steps=1, batch_size=4, targets="q_proj"
+)
+
+
+def data() -> SweepData:
+    examples = [Example(f"q {i}", f" a{i}") for i in range(8)]
+    source = [pad_batch([[2, 3, 4, 5], [6, 7, 8]], 0)]
+    return SweepData(examples, examples[:4], examples[4:], source, source, source)
+
+
+def test_methods_with_their_own_knob_sweep_their_own_grid() -> None:
+    assert planned_runs(CFG) == [
+        ("lora", 0.0, 0),
+        ("l2", 1.0, 0),
+        ("l2", 10.0, 0),
+        ("mtt", 0.1, 0),
+        ("mtt", 1.0, 0),
+        ("mtt", 10.0, 0),
+    ]
+
+
+def test_an_interrupted_sweep_resumes_where_it_stopped(tmp_path: Path) -> None:
+    model, words = tiny_llama().float(), Words()
+    saves: list[int] = []
+
+    def save(rows: list) -> None:
+        saves.append(len(rows))
+        write_rows(rows, tmp_path / "runs.csv")
+
+    rows = run_sweep(model, words, data(), CFG, {}, save=save)
+    assert saves == [2, 3, 4, 5, 6, 7]  # after every run
+    assert read_rows(tmp_path / "runs.csv") == rows  # numbers come back as numbers, the base seed as None
+    interrupted = rows[:3]  # base, lora, l2 λ=1
+    assert pending_runs(CFG, interrupted) == planned_runs(CFG)[2:]
+    resumed = run_sweep(model, words, data(), CFG, {}, done=interrupted)
+    assert resumed[:3] == interrupted
+    assert [(r["method"], r["strength"]) for r in resumed[3:]] == [(m, s) for m, s, _ in planned_runs(CFG)[2:]]
+    assert pending_runs(CFG, resumed) == []
+
+
+def test_generated_tasks_are_disjoint_and_reproducible() -> None:
+    for task in ("arithmetic", "sorting"):
+        splits = task_splits(task, 50, 20, 20, seed=3)
+        prompts = [e.prompt for part in splits.values() for e in part]
+        assert len(set(prompts)) == 90
+        assert task_splits(task, 50, 20, 20, seed=3) == splits
+    example = task_splits("sorting", 1, 0, 0)["train"][0]
+    numbers = [int(n) for n in example.prompt.split(":")[2].split()[:-1]]
+    assert example.completion == " " + " ".join(map(str, sorted(numbers)))
