@@ -47,6 +47,7 @@ def summarize(artifact: Artifact) -> dict[str, Any]:
         "files": {name: entry.size for name, entry in m.files.items()},
         "software": m.software,
         "license": m.license,
+        "lineage": [e.model_dump(mode="json") for e in m.lineage] if m.lineage else None,
     }
 
 
@@ -73,6 +74,13 @@ def run(args: argparse.Namespace) -> int:
     for name, info in summary["modules"].items():
         shape = "x".join(map(str, info["shape"]))
         print(f"  {name:<{width}}  {shape:>11}  {','.join(info['structures']):<24} {human_bytes(info['bytes']):>10}")
+    for i, part in enumerate(summary["lineage"] or []):
+        at = part["base_model"]["repo_id"] + (
+            f"@{part['base_model']['revision']}" if part["base_model"]["revision"] else ""
+        )
+        print(
+            f"{'lineage' if i == 0 else '':<11} {i}: γ={part['decay']:g} {', '.join(part['datasets'])} computed at {at}"
+        )
     print(f"total       {human_bytes(summary['total_bytes'])} in {len(summary['files'])} file(s)")
     print("software    " + ", ".join(f"{k} {v}" for k, v in summary["software"].items()))
     return 0

@@ -195,3 +195,14 @@ def test_the_model_card_of_a_posterior_lists_its_lineage() -> None:
     assert card_metadata(posterior)["laplace_hub"]["lineage_parts"] == 2
     card = build_card(posterior, "me/posterior")
     assert "## Lineage" in card and "| 0 | example/model | source | 0.5 |" in card
+
+
+def test_inspect_shows_the_lineage() -> None:
+    import json
+
+    from tests.conftest import CONFORMANCE_1_1
+
+    result = run_cli("inspect", str(CONFORMANCE_1_1 / "valid" / "merged-kron"), "--json")
+    assert [part["decay"] for part in json.loads(result.stdout)["lineage"]] == [0.5, 1.0]
+    text = run_cli("inspect", str(CONFORMANCE_1_1 / "valid" / "merged-kron")).stdout
+    assert "γ=0.5 source computed at example/model" in text
