@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from laplace_hub.artifact import merge
-from laplace_hub.data import Batch, pydoc_texts
+from laplace_hub.data import Batch
 from laplace_hub.evaluation.demo import say
 from laplace_hub.evaluation.metrics import exact_match, example_batches, source_metrics
 from laplace_hub.evaluation.report import write_json, write_rows
-from laplace_hub.evaluation.sweep import SweepConfig, finetune, split_source
+from laplace_hub.evaluation.sweep import SourceSizes, SweepConfig, finetune, pydoc_splits
 from laplace_hub.evaluation.tasks import Example, task_splits
 from laplace_hub.manifest import BaseModelInfo
 from laplace_hub.models import SMOLLM2_REPO_ID, load_model, select_targets
@@ -39,10 +39,7 @@ class ContinualConfig:
     strength: float = 10.0
     decay: float = 1.0
     seeds: tuple[int, ...] = (0, 1, 2)
-    curvature_batches: int = 8
-    eval_batches: int = 4
-    batch_size: int = 4
-    max_length: int = 64
+    source: SourceSizes = field(default_factory=SourceSizes)
     n_train: int = 256
     n_test: int = 100
     recipe: SweepConfig = field(default_factory=SweepConfig)
@@ -58,14 +55,7 @@ def _measure(model: Any, tokenizer: Any, source: Sequence[Batch], tests: dict[st
 def run_continual(cfg: ContinualConfig) -> dict[str, Any]:
     """Rows per (variant, seed) after task 2, the reference rows, and a summary of means."""
     model, tokenizer = load_model("smollm2")
-    curvature, _, source_test = split_source(
-        pydoc_texts(),
-        tokenizer,
-        curvature_batches=cfg.curvature_batches,
-        eval_batches=cfg.eval_batches,
-        batch_size=cfg.batch_size,
-        max_length=cfg.max_length,
-    )
+    curvature, _, source_test = pydoc_splits(tokenizer, cfg.source)
     task1 = task_splits(cfg.task1, cfg.n_train, 0, cfg.n_test, seed=1)
     task2 = task_splits(cfg.task2, cfg.n_train, 0, cfg.n_test, seed=2)
     tests = {"task1": task1["test"], "task2": task2["test"]}
@@ -82,7 +72,8 @@ def run_continual(cfg: ContinualConfig) -> dict[str, Any]:
     say(f"[task 1] LoRA on {cfg.task1} with the prior, λ={cfg.strength:g}; merged into the weights")
     adapted, _ = finetune(model, tokenizer, task1["train"], "kron", cfg.strength, {"kron": prior}, cfg.recipe, 0)
     after_1 = adapted.merge_and_unload()
-    task1_batches = example_batches(task1["train"], tokenizer, cfg.batch_size)[: cfg.curvature_batches]
+    sizes = cfg.source
+    task1_batches = example_batches(task1["train"], tokenizer, sizes.batch_size)[: sizes.curvature_batches]
     say(f"[task 1] K-FAC at the new weights on {len(task1_batches)} batches of task 1; merge with decay {cfg.decay:g}")
     new = compute_artifact(
         after_1,

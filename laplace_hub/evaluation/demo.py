@@ -7,16 +7,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from laplace_hub.data import Batch, pydoc_texts
+from laplace_hub.data import Batch
 from laplace_hub.errors import ArtifactError
 from laplace_hub.evaluation.report import pareto_plot, table, write_json, write_rows
 from laplace_hub.evaluation.sweep import (
+    SourceSizes,
     SweepConfig,
     SweepData,
     choices_json,
     choose,
+    pydoc_splits,
     run_sweep,
-    split_source,
     summarize,
 )
 from laplace_hub.evaluation.tasks import task_splits
@@ -32,10 +33,7 @@ class DemoConfig:
     """Sizes chosen to finish well within 15 minutes on 2 CPU cores."""
 
     out: Path = Path("out/demo")
-    curvature_batches: int = 8
-    eval_batches: int = 4
-    batch_size: int = 4
-    max_length: int = 64
+    source: SourceSizes = field(default_factory=SourceSizes)
     n_train: int = 256
     n_val: int = 100
     n_test: int = 100
@@ -71,15 +69,7 @@ def say(line: str) -> None:
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     """Publisher → local hub → fine-tuner sweep; λ chosen on validation, reported on test."""
     model, tokenizer = load_model("smollm2")
-    curvature, source_val, source_test = split_source(
-        pydoc_texts(),
-        tokenizer,
-        curvature_batches=cfg.curvature_batches,
-        eval_batches=cfg.eval_batches,
-        batch_size=cfg.batch_size,
-        max_length=cfg.max_length,
-        seed=cfg.seed,
-    )
+    curvature, source_val, source_test = pydoc_splits(tokenizer, cfg.source, seed=cfg.seed)
     say(f"[publisher] K-FAC on {cfg.sweep.targets} of all layers, {len(curvature)} batches of pydoc text")
     url = publish(model, curvature, cfg)
     say(f"[publisher] validated and pushed to the local hub: {url}")

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from laplace_hub.artifact import Artifact
 from laplace_hub.consumers import LaplaceRegularizer, MaskTheTarget, regularized_loss
-from laplace_hub.data import Batch, make_batches
+from laplace_hub.data import Batch, make_batches, pydoc_texts
 from laplace_hub.errors import DataError, LaplaceHubError
 from laplace_hub.evaluation.baselines import MIGU, FlatLoRA, milora_init
 from laplace_hub.evaluation.metrics import exact_match, example_batches, source_metrics
@@ -117,6 +117,29 @@ def split_source(
         raise DataError("the held-out quarter of the source data is too small to split into validation and test")
     half = len(held_out) // 2
     return curvature, held_out[:half], held_out[half:]
+
+
+@dataclass(frozen=True)
+class SourceSizes:
+    """How much source text the curvature and the forgetting metrics see."""
+
+    curvature_batches: int = 8
+    eval_batches: int = 4
+    batch_size: int = 4
+    max_length: int = 64
+
+
+def pydoc_splits(tokenizer: Any, sizes: SourceSizes, seed: int = 0) -> tuple[list[Batch], list[Batch], list[Batch]]:
+    """:func:`split_source` of the stdlib's Python reference text (no download)."""
+    return split_source(
+        pydoc_texts(),
+        tokenizer,
+        curvature_batches=sizes.curvature_batches,
+        eval_batches=sizes.eval_batches,
+        batch_size=sizes.batch_size,
+        max_length=sizes.max_length,
+        seed=seed,
+    )
 
 
 def curvature_artifacts(model: Any, data: SweepData, cfg: SweepConfig) -> dict[str, Artifact]:
