@@ -14,7 +14,16 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from laplace_hub.artifact import Artifact
-from laplace_hub.curvature import Block, EigenFactor, KronBlock, LoraPairBlock, WeightBlock, signature, stack_blocks
+from laplace_hub.curvature import (
+    Block,
+    BlockSum,
+    EigenFactor,
+    KronBlock,
+    LoraPairBlock,
+    WeightBlock,
+    signature,
+    stack_blocks,
+)
 from laplace_hub.errors import LaplaceHubError, ModelMismatchError
 from laplace_hub.fingerprint import fingerprint_weights
 from laplace_hub.manifest import LoraParameterization
@@ -160,7 +169,7 @@ class LaplaceRegularizer(nn.Module):
             if isinstance(lora, LoraParameterization):
                 _check_init(artifact, m)
             elif mode == "lora_init":
-                assert isinstance(block, WeightBlock)
+                assert isinstance(block, WeightBlock | BlockSum)  # a sum: separate datasets, merged tasks
                 a0, b0 = m.lora_a.detach().float(), m.lora_b.detach().float()
                 block = block.project_lora(a0, b0, m.scaling, cross=cross)
             blocks.append(block)

@@ -206,3 +206,35 @@ def test_inspect_shows_the_lineage() -> None:
     assert [part["decay"] for part in json.loads(result.stdout)["lineage"]] == [0.5, 1.0]
     text = run_cli("inspect", str(CONFORMANCE_1_1 / "valid" / "merged-kron")).stdout
     assert "γ=0.5 source computed at example/model" in text
+
+
+def test_a_posterior_in_both_regulariser_modes_equals_its_dense_form() -> None:
+    model = tiny_llama()
+    posterior = merge(
+        curvature(model, batches("source", 0), "source"),
+        curvature(model, batches("task1", 1), "task1", structure="diag_lowrank"),
+        decay=0.7,
+    )
+    peft = adapter(model)
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    weight = LaplaceRegularizer.from_artifact(posterior, peft, strength=2.0)
+    at_init = LaplaceRegularizer.from_artifact(posterior, peft, strength=2.0, mode="lora_init")
+    from laplace_hub.consumers import adapted_modules
+
+    modules = list(adapted_modules(peft))
+    inits = [(m.lora_a.detach().clone(), m.lora_b.detach().clone()) for m in modules]
+    with torch.no_grad():
+        for m in modules:
+            m.lora_a.add_(0.1)
+    expected_weight, expected_init = 0.0, 0.0
+    for m, (a0, b0) in zip(modules, inits, strict=True):
+        dense = posterior.block(m.name, dtype=torch.float64)
+        delta = (m.scaling * m.lora_b @ m.lora_a).reshape(-1)
+        expected_weight += float(delta @ dense.dense() @ delta)
+        moved = torch.cat([(m.lora_a - a0).reshape(-1), (m.lora_b - b0).reshape(-1)])
+        expected_init += float(moved @ dense.project_lora(a0, b0, m.scaling).dense() @ moved)
+    torch.testing.assert_close(float(weight()), expected_weight, rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(float(at_init()), expected_init, rtol=1e-5, atol=1e-8)
