@@ -384,6 +384,8 @@ def _block_tensors(
     if isinstance(block, DiagBlockEntry | DiagLowRankBlockEntry):
         yield block.diagonal, spec((d_out, d_in), "diagonal")
     if isinstance(block, DiagLowRankBlockEntry):
+        if block.rank > d_out * d_in:
+            raise ManifestError(f"low rank {block.rank} exceeds the {d_out * d_in} entries it spans", location=where)
         yield block.lowrank, spec((block.rank, d_out, d_in), "lowrank")
     if isinstance(block, DiagBlockEntry | DiagLowRankBlockEntry):
         return

@@ -374,6 +374,14 @@ INVALID: dict[str, tuple[str, str, str, Callable[[Path], object]]] = {
         "a 1.2 manifest with a structure this reader does not know",
         lambda f: _edit_manifest(f, _future_structure),
     ),
+    "lowrank-wrong-rank": (
+        "weight-diag-lowrank",
+        "tensor.shape",
+        "a diag_lowrank block says rank 3 but stores 2 directions",
+        lambda f: _edit_manifest(
+            f, lambda m: m["modules"]["model.layers.0.self_attn.k_proj"]["blocks"][0].update(rank=3)
+        ),
+    ),
     "lineage-incomplete": (
         "merged-kron",
         "manifest.lineage",
