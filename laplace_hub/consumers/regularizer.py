@@ -44,11 +44,11 @@ class AdaptedModule:
 
     @property
     def lora_a(self) -> Tensor:
-        return self.layer.lora_A[self.adapter].weight  # type: ignore[index,union-attr,no-any-return]
+        return self.layer.lora_A[self.adapter].weight  # type: ignore[index,union-attr]
 
     @property
     def lora_b(self) -> Tensor:
-        return self.layer.lora_B[self.adapter].weight  # type: ignore[index,union-attr,no-any-return]
+        return self.layer.lora_B[self.adapter].weight  # type: ignore[index,union-attr]
 
     @property
     def scaling(self) -> float:
@@ -56,7 +56,7 @@ class AdaptedModule:
 
     @property
     def base_weight(self) -> Tensor:
-        return self.layer.base_layer.weight  # type: ignore[union-attr,no-any-return,return-value]
+        return self.layer.base_layer.weight  # type: ignore[union-attr,return-value]
 
 
 def adapted_modules(model: nn.Module, adapter: str = "default") -> Iterator[AdaptedModule]:

@@ -71,7 +71,7 @@ def _save_with_checkpoints(regularizer: LaplaceRegularizer) -> Any:
     from transformers import TrainerCallback
     from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-    class SaveRegularizer(TrainerCallback):  # type: ignore[misc]
+    class SaveRegularizer(TrainerCallback):
         def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             if state.is_world_process_zero:
                 regularizer.save(Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
@@ -91,7 +91,7 @@ def laplace_trainer_class() -> type:
 def laplace_sft_trainer_class() -> type:
     """TRL's ``SFTTrainer`` with the penalty in its loss."""
     try:
-        from trl import SFTTrainer
+        from trl import SFTTrainer  # type: ignore[attr-defined]
     except ImportError as e:
         raise MissingExtraError("trl", "trl") from e
     return type("LaplaceSFTTrainer", (LaplaceTrainerMixin, SFTTrainer), {})

@@ -194,7 +194,7 @@ class KronBlock(WeightBlock):
         (delta,) = deltas
         self._check(delta)
         if self.input.constant and self.output.constant:
-            return _KronQuad.apply(delta, self.input, self.output)  # type: ignore[no-any-return]
+            return _KronQuad.apply(delta, self.input, self.output)
         return (self.output.apply(delta.mT).mT * self.input.apply(delta)).sum()
 
     def quad_lowrank(self, b: Tensor, a: Tensor) -> Tensor:

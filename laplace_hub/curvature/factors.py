@@ -93,7 +93,7 @@ class DenseFactor(Factor):
     def sandwich(self, m: Tensor) -> Tensor:
         if not self.constant:
             return (m @ self.matrix) @ m.mT
-        return _SymmetricSandwich.apply(m, self.matrix)  # type: ignore[no-any-return]
+        return _SymmetricSandwich.apply(m, self.matrix)
 
     def scale(self, c: float) -> DenseFactor:
         return DenseFactor(self.matrix * c)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from laplace_hub.artifact.files import MAX_MANIFEST_BYTES, read_json_bounded
 from laplace_hub.errors import LaplaceHubError
-from laplace_hub.manifest import MANIFEST_NAME, expected_tensors
+from laplace_hub.manifest import MANIFEST_NAME, ModuleEntry, expected_tensors
 from laplace_hub.validate.file_checks import check_files, check_tensors, read_layout
 from laplace_hub.validate.findings import Finding, Report
 from laplace_hub.validate.manifest_checks import check_semantics, parse_into
@@ -73,7 +73,7 @@ def validate(
     return report
 
 
-def _check_model(report: Report, modules: dict, model_shapes: dict[str, tuple[int, int]]) -> None:
+def _check_model(report: Report, modules: dict[str, ModuleEntry], model_shapes: dict[str, tuple[int, int]]) -> None:
     for name, module in modules.items():
         if name not in model_shapes:
             report.add("model.module_missing", f"modules.{name}", "the base model has no linear module of this name")
