@@ -160,7 +160,13 @@ class LaplaceRegularizer(nn.Module):
             if len(covered) == len(artifact.manifest.modules) and fingerprint_weights(covered) != fingerprint:
                 raise ModelMismatchError(
                     "the base weights differ from those the artifact was computed at (fingerprint "
-                    "mismatch); load the same base model and revision, or pass check_fingerprint=False",
+                    "mismatch); load the same base model and revision"
+                    + (
+                        " (a continual posterior: the weights after its latest task, with earlier adapters merged)"
+                        if artifact.manifest.lineage
+                        else ""
+                    )
+                    + ", or pass check_fingerprint=False",
                     location=artifact.manifest.base_model.repo_id,
                 )
         blocks: list[Block] = []

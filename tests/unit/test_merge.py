@@ -150,7 +150,7 @@ def test_two_tasks_in_sequence_the_merged_posterior_protects_source_and_task_1(t
     train(first, task1, LaplaceRegularizer.from_artifact(prior, first, strength=1.0))
     after_1 = first.merge_and_unload()  # the new mean: the fine-tuned weights
     posterior = merge(prior, curvature(after_1, task1, "task1"))
-    with pytest.raises(ModelMismatchError, match="fingerprint"):  # it anchors at the new weights, not the base
+    with pytest.raises(ModelMismatchError, match="continual posterior"):  # it anchors at the new weights
         LaplaceRegularizer.from_artifact(posterior, adapter(base), strength=1.0)
 
     def forgetting(artifact: Artifact | None) -> tuple[float, float]:
