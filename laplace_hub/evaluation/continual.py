@@ -19,14 +19,14 @@ from laplace_hub.artifact import merge
 from laplace_hub.data import Batch
 from laplace_hub.evaluation.demo import say
 from laplace_hub.evaluation.metrics import exact_match, example_batches, source_metrics
-from laplace_hub.evaluation.report import write_json, write_rows
+from laplace_hub.evaluation.report import bar_panels, write_json, write_rows
 from laplace_hub.evaluation.sweep import SourceSizes, SweepConfig, finetune, pydoc_splits
 from laplace_hub.evaluation.tasks import Example, task_splits
 from laplace_hub.manifest import BaseModelInfo
 from laplace_hub.models import SMOLLM2_REPO_ID, load_model, select_targets
 from laplace_hub.producers import ComputeOptions, compute_artifact
 
-METRICS = ("source_nll", "task1_em", "task2_em")
+METRICS = ("source_nll", "task1_em", "task1_nll", "task2_em", "task2_nll")
 
 
 @dataclass(frozen=True)
@@ -100,8 +100,15 @@ def run_continual(cfg: ContinualConfig) -> dict[str, Any]:
             rows.append({"variant": variant, "seed": seed, **_measure(tuned, tokenizer, source_test, tests)})
     write_rows(rows, cfg.out / "runs.csv")
     config = {"task1": cfg.task1, "task2": cfg.task2, "strength": cfg.strength, "decay": cfg.decay}
-    result = {"config": config, "summary": summarize(rows)}
+    summary = summarize(rows)
+    result = {"config": config, "summary": summary}
     write_json(result, cfg.out / "continual.json")
+    panels = {
+        "source_nll": "source NLL (lower: less forgetting)",
+        "task1_nll": f"task 1 ({cfg.task1}) answer NLL",
+        "task2_em": f"task 2 ({cfg.task2}) exact match",
+    }
+    bar_panels(summary, "variant", panels, cfg.out / "continual.png", "after task 2: what each prior kept")
     return result
 
 
@@ -122,12 +129,12 @@ def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 def format_table(summary: Sequence[dict[str, Any]]) -> str:
     """A Markdown table of the summary (test means ± sd over seeds)."""
     lines = [
-        "| model | seeds | source NLL | task-1 EM | task-2 EM |",
-        "|---|---|---|---|---|",
+        "| model | seeds | source NLL | task-1 EM | task-1 NLL | task-2 EM | task-2 NLL |",
+        "|---|---|---|---|---|---|---|",
     ]
     for s in summary:
         cells = [
-            f"{s[m]:.4f} ± {s[m + '_std']:.4f}" if m == "source_nll" else f"{s[m]:.3f} ± {s[m + '_std']:.3f}"
+            f"{s[m]:.3f} ± {s[m + '_std']:.3f}" if m.endswith("_em") else f"{s[m]:.4f} ± {s[m + '_std']:.4f}"
             for m in METRICS
         ]
         lines.append(f"| {s['variant']} | {s['seeds']} | " + " | ".join(cells) + " |")

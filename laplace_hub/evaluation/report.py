@@ -58,8 +58,7 @@ def table(summary: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def pareto_plot(summary: Sequence[Mapping[str, Any]], path: Path, title: str) -> None:
-    """Source NLL (test) against target exact match (test): one line per method, marker size by λ."""
+def _pyplot() -> Any:
     try:
         import matplotlib
 
@@ -67,6 +66,19 @@ def pareto_plot(summary: Sequence[Mapping[str, Any]], path: Path, title: str) ->
         import matplotlib.pyplot as plt
     except ImportError as e:
         raise MissingExtraError("matplotlib", "demo") from e
+    return plt
+
+
+def _save(fig: Any, path: Path) -> None:
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    _pyplot().close(fig)
+
+
+def pareto_plot(summary: Sequence[Mapping[str, Any]], path: Path, title: str) -> None:
+    """Source NLL (test) against target exact match (test): one line per method, marker size by λ."""
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 5))
     for method in dict.fromkeys(s["method"] for s in summary):
         points = sorted((s for s in summary if s["method"] == method), key=lambda s: s["strength"])
@@ -84,7 +96,26 @@ def pareto_plot(summary: Sequence[Mapping[str, Any]], path: Path, title: str) ->
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
+
+
+def bar_panels(
+    summary: Sequence[Mapping[str, Any]], label: str, panels: Mapping[str, str], path: Path, title: str
+) -> None:
+    """One bar chart per metric (``panels``: key → axis title), a bar per row (mean ± sd)."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4))
+    names = [str(s[label]) for s in summary]
+    for ax, (key, axis_title) in zip(axes, panels.items(), strict=True):
+        means, stds = [s[key] for s in summary], [s.get(f"{key}_std", 0.0) for s in summary]
+        ax.bar(range(len(names)), means, yerr=stds, color=[f"C{i}" for i in range(len(names))], capsize=3)
+        ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+        low, high = (
+            min(m - e for m, e in zip(means, stds, strict=True)),
+            max(m + e for m, e in zip(means, stds, strict=True)),
+        )
+        ax.set_ylim(low - 0.1 * (high - low + 1e-9), high + 0.1 * (high - low + 1e-9))
+        ax.set_title(axis_title, fontsize=10)
+        ax.grid(alpha=0.3, axis="y")
+    fig.suptitle(title)
+    _save(fig, path)

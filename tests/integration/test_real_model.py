@@ -163,6 +163,7 @@ def test_shortened_continual_run(tmp_path: Path) -> None:
         "source prior only",
         "merged posterior",
     ]
+    assert {"task1_nll", "task2_em"} <= set(summary[0]) and (tmp_path / "continual.png").stat().st_size > 10_000
     posterior = Artifact.open(tmp_path / "posterior", verify_checksums=True)
     assert posterior.manifest.lineage is not None and len(posterior.manifest.lineage) == 2
     assert posterior.manifest.base_model.fingerprint != posterior.manifest.lineage[0].base_model.fingerprint
