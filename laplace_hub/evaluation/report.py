@@ -43,14 +43,15 @@ def write_json(data: Any, path: Path) -> None:
 
 def table(summary: Sequence[Mapping[str, Any]]) -> str:
     """Test means ± standard deviations over seeds, one line per method and strength."""
+    width = max(10, *(len(s["method"]) for s in summary))
     lines = [
-        f"{'method':<10} {'λ':>7} {'seeds':>5}  {'target EM (test)':>17}  {'source NLL (test)':>18}  "
+        f"{'method':<{width}} {'λ':>7} {'seeds':>5}  {'target EM (test)':>17}  {'source NLL (test)':>18}  "
         f"{'source acc (test)':>17}"
     ]
     for s in summary:
         strength = "-" if s["method"] in ("base", "lora") else f"{s['strength']:g}"
         lines.append(
-            f"{s['method']:<10} {strength:>7} {s['seeds']:>5}  "
+            f"{s['method']:<{width}} {strength:>7} {s['seeds']:>5}  "
             f"{s['test_target_em']:>8.3f} ± {s['test_target_em_std']:.3f}  "
             f"{s['test_source_nll']:>9.4f} ± {s['test_source_nll_std']:.4f}  "
             f"{s['test_source_accuracy']:>8.4f} ± {s['test_source_accuracy_std']:.4f}"
