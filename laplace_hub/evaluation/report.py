@@ -80,15 +80,19 @@ def _save(fig: Any, path: Path) -> None:
 def pareto_plot(summary: Sequence[Mapping[str, Any]], path: Path, title: str) -> None:
     """Source NLL (test) against target exact match (test): one line per method, marker size by λ."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 5))
-    for method in dict.fromkeys(s["method"] for s in summary):
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    colors, markers = plt.get_cmap("tab20"), "osD^vPXh<>p"
+    for index, method in enumerate(dict.fromkeys(s["method"] for s in summary)):
         points = sorted((s for s in summary if s["method"] == method), key=lambda s: s["strength"])
         x = [p["test_source_nll"] for p in points]
         y = [p["test_target_em"] for p in points]
         sizes = [30 + 25 * math.log10(1 + p["strength"]) for p in points]
-        marker = "*" if method == "base" else "o"
-        ax.plot(x, y, "-", alpha=0.5)
-        ax.scatter(x, y, s=sizes, marker=marker, label=method)
+        style = {
+            "color": colors((2 * index + index // 10) % 20),  # dark shades first, then light
+            "marker": "*" if method == "base" else markers[index % len(markers)],
+        }
+        ax.plot(x, y, "-", alpha=0.5, color=style["color"])
+        ax.scatter(x, y, s=sizes, label=method, **style)
         for p, xi, yi in zip(points, x, y, strict=True):
             if method not in ("base", "lora"):
                 ax.annotate(f"{p['strength']:g}", (xi, yi), fontsize=7, xytext=(3, 3), textcoords="offset points")
@@ -96,7 +100,7 @@ def pareto_plot(summary: Sequence[Mapping[str, Any]], path: Path, title: str) ->
     ax.set_ylabel("target exact match (test, higher = more learning)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     _save(fig, path)
 
 
