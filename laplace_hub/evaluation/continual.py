@@ -46,10 +46,13 @@ class ContinualConfig:
 
 
 def _measure(model: Any, tokenizer: Any, source: Sequence[Batch], tests: dict[str, list[Example]]) -> dict[str, float]:
-    scores = {
-        f"{task}_em": exact_match(model, example_batches(examples, tokenizer)) for task, examples in tests.items()
-    }
-    return {"source_nll": source_metrics(model, source)["source_nll"], **scores}
+    """Source NLL per token; per task, exact match and the NLL per token of the answers (finer than EM)."""
+    scores = {"source_nll": source_metrics(model, source)["source_nll"]}
+    for task, examples in tests.items():
+        batches = example_batches(examples, tokenizer)
+        scores[f"{task}_em"] = exact_match(model, batches)
+        scores[f"{task}_nll"] = source_metrics(model, batches)["source_nll"]  # labels: the answers only
+    return scores
 
 
 def run_continual(cfg: ContinualConfig) -> dict[str, Any]:
