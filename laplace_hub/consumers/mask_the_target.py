@@ -27,13 +27,13 @@ def masked_log_probs(logits: Tensor, targets: Tensor) -> Tensor:
 
 def mask_the_target_kl(base_logits: Tensor, logits: Tensor, labels: Tensor) -> Tensor:
     """Mean over labelled positions of ``KL(p̃_base ‖ p̃_adapted)`` (next-token alignment as in causal LMs)."""
-    targets = labels[:, 1:]
-    valid = targets != -100
-    base = masked_log_probs(base_logits[:, :-1], targets)
-    adapted = masked_log_probs(logits[:, :-1], targets)
+    targets = labels[:, 1:].to(logits.device)
+    valid = targets != -100  # only labelled positions: the vocabulary-wide work is per position
+    base = masked_log_probs(base_logits[:, :-1][valid], targets[valid])
+    adapted = masked_log_probs(logits[:, :-1][valid], targets[valid])
     # the target's entry is -inf in both: exp(-inf)·(...) must count as 0, not NaN
     kl = (base.exp() * (base - adapted)).nan_to_num(0.0).sum(-1)
-    return (kl * valid).sum() / valid.sum().clamp_min(1)
+    return kl.sum() / valid.sum().clamp_min(1)
 
 
 class MaskTheTarget(nn.Module):
