@@ -73,10 +73,9 @@ class Report:
         """Raise the first error as an :class:`ArtifactError` (what readers do)."""
         if self.errors:
             first = self.errors[0]
+            # no path in the hint: after a failed pull the folder validated here is already gone
             more = (
-                f" (and {len(self.errors) - 1} more; run `laplace-hub validate {self.path}`)"
-                if len(self.errors) > 1
-                else ""
+                f" (and {len(self.errors) - 1} more: `laplace-hub validate` lists all)" if len(self.errors) > 1 else ""
             )
             if first.code == "version.unsupported_major":
                 raise UnsupportedVersionError(self.manifest_version or "?", f"{SPEC_MAJOR}.x", location=first.location)

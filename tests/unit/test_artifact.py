@@ -12,7 +12,7 @@ from safetensors import safe_open
 
 from laplace_hub.artifact import Artifact, ArtifactBuilder, minimal_fields, store
 from laplace_hub.curvature import DenseFactor, DiagBlock, KronBlock
-from laplace_hub.errors import ArtifactError, ArtifactNotFoundError, UnsupportedVersionError
+from laplace_hub.errors import ArtifactError, ArtifactNotFoundError, LaplaceHubError, UnsupportedVersionError
 from tests.conftest import CONFORMANCE, CONFORMANCE_1_1
 
 
@@ -134,3 +134,10 @@ def test_unknown_module_names_the_known_ones() -> None:
 def test_copy_of_a_vector_is_still_valid(tmp_path: Path) -> None:
     shutil.copytree(CONFORMANCE / "valid" / "weight-kron-sharded", tmp_path / "a")
     assert Artifact.open(tmp_path / "a", verify_checksums=True).manifest.modules
+
+
+def test_an_error_with_more_findings_says_how_to_see_them_without_a_stale_path() -> None:
+    folder = CONFORMANCE_1_1 / "invalid" / "lineage-incomplete"
+    with pytest.raises(LaplaceHubError, match="and 1 more: `laplace-hub validate` lists all") as info:
+        Artifact.open(folder)
+    assert str(folder) not in str(info.value)
