@@ -16,8 +16,16 @@ import statistics
 
 import torch
 
-from laplace_hub.data import make_batches, pydoc_texts
-from laplace_hub.evaluation.sweep import METHODS, OWN_GRIDS, SweepConfig, SweepData, curvature_artifacts, finetune
+from laplace_hub.evaluation.sweep import (
+    METHODS,
+    OWN_GRIDS,
+    SourceSizes,
+    SweepConfig,
+    SweepData,
+    curvature_artifacts,
+    finetune,
+    pydoc_splits,
+)
 from laplace_hub.evaluation.tasks import task_splits
 from laplace_hub.models import load_model
 
@@ -31,10 +39,11 @@ def main() -> None:
     base, tokenizer = load_model("smollm2")
     cfg = dataclasses.replace(SweepConfig(), steps=args.steps)
     train = task_splits("arithmetic", 64, 0, 0)["train"]
-    source = make_batches(pydoc_texts(), tokenizer, max_length=64, batch_size=4, num_batches=8, seed=0)
-    data = SweepData(train, [], [], source, [], [])
+    curvature, _, _ = pydoc_splits(tokenizer, SourceSizes())  # the sweep's curvature split
+    data = SweepData(train, [], [], curvature, [], [])
     artifacts = curvature_artifacts(base, data, cfg)
-    strength = {m: OWN_GRIDS.get(m, (10.0,))[len(OWN_GRIDS.get(m, (10.0,))) // 2] for m in METHODS}
+    grids = {m: OWN_GRIDS.get(m, (10.0,)) for m in METHODS}
+    strength = {m: grid[len(grid) // 2] for m, grid in grids.items()}  # the middle of each grid
     seconds: dict[str, list[float]] = {m: [] for m in METHODS}
     finetune(base, tokenizer, train, "lora", 0.0, artifacts, cfg, 0)  # warm-up
     for _ in range(args.repeats):

@@ -383,13 +383,13 @@ def _block_tensors(
     d_out, d_in = _param_dims(block.param, shape, rank)
     if isinstance(block, DiagBlockEntry | DiagLowRankBlockEntry):
         yield block.diagonal, spec((d_out, d_in), "diagonal")
-    if isinstance(block, DiagLowRankBlockEntry):
-        if block.rank > d_out * d_in:
-            raise ManifestError(f"low rank {block.rank} exceeds the {d_out * d_in} entries it spans", location=where)
-        yield block.lowrank, spec((block.rank, d_out, d_in), "lowrank")
-    if isinstance(block, DiagBlockEntry | DiagLowRankBlockEntry):
-        return
-    if isinstance(block, KronBlockEntry):
+        if isinstance(block, DiagLowRankBlockEntry):
+            if block.rank > d_out * d_in:
+                raise ManifestError(
+                    f"low rank {block.rank} exceeds the {d_out * d_in} entries it spans", location=where
+                )
+            yield block.lowrank, spec((block.rank, d_out, d_in), "lowrank")
+    elif isinstance(block, KronBlockEntry):
         yield block.input.key, spec(_factor_shape(block.input, d_in), "factor")
         yield block.output.key, spec(_factor_shape(block.output, d_out), "factor")
     else:

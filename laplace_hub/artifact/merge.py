@@ -18,7 +18,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from laplace_hub.artifact.artifact import Artifact
@@ -154,8 +153,10 @@ def _check_compatible(prior: Manifest, new: Manifest) -> None:
 
 
 def _wider(a: DType, b: DType) -> DType:
-    promoted = torch.promote_types(tensor_dtype(a), tensor_dtype(b))
-    return "float64" if promoted == torch.float64 else a if a == b else "float32"
+    """The stored dtype that loses nothing of either (two different half types meet in float32)."""
+    if a == b:
+        return a
+    return "float64" if "float64" in (a, b) else "float32"
 
 
 def merge(
@@ -186,10 +187,10 @@ def merge(
     for index, (part, scale) in enumerate(parts):
         names = {old: _unique(info.name, taken) for old, info in zip(part.block_datasets, part.infos, strict=True)}
         rename: dict[str, str] = {}
+        merged = part.artifact.manifest.lineage is not None
         for module, entry in part.artifact.manifest.modules.items():
             for block in entry.blocks:
                 if block.dataset in names:
-                    merged = part.artifact.manifest.lineage is not None
                     blocks[module].append(_rekey(block, names[block.dataset], rename, f"{index}/", merged))
         for old, key in rename.items():
             tensors[key] = part.artifact.tensor(old).to(tensor_dtype(dtype))
