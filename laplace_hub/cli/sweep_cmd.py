@@ -138,6 +138,7 @@ def run(args: argparse.Namespace) -> int:
                 f"--artifact {item!r}: expected STRUCTURE=DIR, STRUCTURE diag, diag_lowrank, kron or kron_eig"
             )
         given[structure] = Artifact.open(folder, verify_checksums=True)
+    done = read_rows(args.out / "runs.csv") if args.resume and (args.out / "runs.csv").is_file() else []
     targets = _targets(args)
     source = DatasetSpec.parse(args.source)
     check_source(source)
@@ -152,7 +153,6 @@ def run(args: argparse.Namespace) -> int:
         max_length=args.max_length,
     )
     data = SweepData(targets["train"], targets["validation"], targets["test"], curvature, source_val, source_test)
-    done = read_rows(args.out / "runs.csv") if args.resume and (args.out / "runs.csv").is_file() else []
     pending = {method for method, _, _ in pending_runs(cfg, done)}
     missing = dataclasses.replace(cfg, methods=tuple(m for m in cfg.methods if m in pending and m not in given))
     artifacts = {**curvature_artifacts(model, data, missing), **given}

@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from laplace_hub.errors import MissingExtraError
+from laplace_hub.errors import DataError, MissingExtraError
 
 
 def write_rows(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
@@ -31,8 +31,14 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
             return int(text) if text else None
         return float(text)
 
-    with path.open(newline="") as f:
-        return [{column: value(column, text) for column, text in row.items()} for row in csv.DictReader(f)]
+    try:
+        with path.open(newline="") as f:
+            rows = [{column: value(column, text) for column, text in row.items()} for row in csv.DictReader(f)]
+    except (OSError, ValueError, TypeError) as e:
+        raise DataError(f"{path}: not a runs.csv that `laplace-hub sweep` wrote ({e})") from e
+    if rows and not {"method", "strength", "seed"} <= set(rows[0]):
+        raise DataError(f"{path}: not a runs.csv that `laplace-hub sweep` wrote (no method/strength/seed columns)")
+    return rows
 
 
 def write_json(data: Any, path: Path) -> None:

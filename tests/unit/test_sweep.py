@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from laplace_hub.data import pad_batch
 from laplace_hub.evaluation.report import read_rows, write_rows
 from laplace_hub.evaluation.sweep import SweepConfig, SweepData, pending_runs, planned_runs, run_sweep
@@ -60,3 +62,20 @@ def test_generated_tasks_are_disjoint_and_reproducible() -> None:
     example = task_splits("sorting", 1, 0, 0)["train"][0]
     numbers = [int(n) for n in example.prompt.split(":")[2].split()[:-1]]
     assert example.completion == " " + " ".join(map(str, sorted(numbers)))
+
+
+def test_resuming_from_a_file_that_is_not_a_runs_csv_is_a_one_line_error(tmp_path: Path) -> None:
+    from laplace_hub.errors import DataError
+    from tests.conftest import run_cli
+
+    out = tmp_path / "sweep"
+    out.mkdir()
+    (out / "runs.csv").write_text("method,strength,seed\nlora,not-a-number,0\n")
+    with pytest.raises(DataError, match=r"not a runs\.csv"):
+        read_rows(out / "runs.csv")
+    (out / "runs.csv").write_text("a,b\n1,2\n")
+    result = run_cli(
+        "sweep", "smollm2", "--source", "x=stdlib:pydoc", "--target", "arithmetic", "--out", str(out), "--resume"
+    )
+    assert result.returncode == 1 and "not a runs.csv" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
