@@ -96,6 +96,21 @@ class HubError(LaplaceHubError, RuntimeError):
     """Pushing to or pulling from a hub failed."""
 
 
+def error_for_code(code: str, message: str, location: str | None) -> LaplaceHubError:
+    """The exception a reader raises for a finding: the most specific class its code names."""
+    if code in ("artifact.not_found", "manifest.missing"):
+        return ArtifactNotFoundError(message, location=location, code=code)
+    classes: dict[str, type[LaplaceHubError]] = {
+        "file.checksum": ChecksumError,
+        "file.size": ChecksumError,
+        "file.unsafe_path": UnsafePathError,
+        "manifest": ManifestError,
+        "version": ManifestError,
+    }
+    error_class = classes.get(code) or classes.get(code.split(".")[0], ArtifactError)
+    return error_class(message, location=location, code=code)
+
+
 __all__ = [
     "ArtifactError",
     "ArtifactNotFoundError",
@@ -109,4 +124,5 @@ __all__ = [
     "StructureError",
     "UnsafePathError",
     "UnsupportedVersionError",
+    "error_for_code",
 ]

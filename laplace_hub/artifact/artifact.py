@@ -8,35 +8,24 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from torch import Tensor
 
 from laplace_hub.artifact.codec import as_dtype, decode_tridiag, decode_weight_block
-from laplace_hub.artifact.store import DEFAULT_MAX_SHARD_BYTES, write_artifact
+from laplace_hub.artifact.files import DEFAULT_MAX_BYTES
+from laplace_hub.artifact.findings import FirstError, Sink
+from laplace_hub.artifact.reader import DiskTensors, read
+from laplace_hub.artifact.store import DEFAULT_MAX_SHARD_BYTES, tensor_dtype, write_artifact
+from laplace_hub.artifact.values import check_cross, check_tail
 from laplace_hub.curvature import Block, LoraPairBlock
-from laplace_hub.errors import ArtifactError, ArtifactNotFoundError
+from laplace_hub.errors import ArtifactError
 from laplace_hub.manifest import (
+    KronEigBlockEntry,
     KronTridiagBlockEntry,
     LoraParameterization,
     Manifest,
     ModuleEntry,
     expected_tensors,
 )
-
-
-class _DiskTensors:
-    """Tensors read on demand from memory-mapped safetensors files."""
-
-    def __init__(self, folder: Path, layout: dict[str, str]) -> None:
-        self.folder = folder
-        self.layout = layout
-        self._handles: dict[str, Any] = {}
-
-    def __call__(self, key: str) -> Tensor:
-        name = self.layout[key]
-        if name not in self._handles:
-            self._handles[name] = safe_open(str(self.folder / name), framework="pt")
-        return self._handles[name].get_tensor(key)
 
 
 class Artifact:
@@ -55,10 +44,13 @@ class Artifact:
 
     """
 
-    def __init__(self, manifest: Manifest, tensors: Callable[[str], Tensor], path: Path | None = None) -> None:
+    def __init__(
+        self, manifest: Manifest, tensors: Callable[[str], Tensor], path: Path | None = None, sink: Sink | None = None
+    ) -> None:
         self.manifest = manifest
         self._tensors = tensors
         self.path = path
+        self._sink = sink  # where read-time rules report; None for artifacts built in memory
         self.origin: Any = None  # set by a pull: repo, resolved commit sha, subfolder
 
     @classmethod
@@ -77,8 +69,26 @@ class Artifact:
         return push(self.path, repo_id, **kwargs)
 
     @classmethod
-    def open(cls, path: str | Path, *, verify_checksums: bool = False) -> Artifact:
+    def open(
+        cls,
+        path: str | Path,
+        *,
+        verify_checksums: bool = False,
+        check_values: bool = False,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+    ) -> Artifact:
         """Open an artifact folder lazily: only the manifest, index and headers are read now.
+
+        Every rule of the spec that can be checked without the tensors is checked here, by the
+        same rules the validator runs; each tensor's values are checked when it is first read
+        (by :meth:`block`), or all at once with ``check_values=True``.
+
+        Args:
+            path: The artifact folder.
+            verify_checksums: Hash every file and compare with the manifest.
+            check_values: Read every tensor now and check its values.
+            max_bytes: Refuse an artifact whose manifest declares more bytes than this (before
+                hashing or mapping anything).
 
         Raises:
             ArtifactNotFoundError: no artifact at ``path``.
@@ -87,17 +97,11 @@ class Artifact:
                 for all of them).
 
         """
-        from laplace_hub.validate import validate
-
         folder = Path(path)
-        report = validate(folder, checksums=verify_checksums, values=False)
-        if report.errors and report.errors[0].code in ("artifact.not_found", "manifest.missing"):
-            raise ArtifactNotFoundError(
-                f"no laplace-hub artifact here ({report.errors[0].message})", location=str(folder)
-            )
-        report.raise_first()
-        assert report.manifest is not None
-        return cls(report.manifest, _DiskTensors(folder, report.layout), folder)
+        sink = FirstError()
+        reading = read(folder, sink, checksums=verify_checksums, values=check_values, max_bytes=max_bytes)
+        assert reading is not None  # FirstError raised otherwise
+        return cls(reading.manifest, DiskTensors(reading, sink), folder, sink)
 
     def tensor(self, key: str) -> Tensor:
         """One stored tensor, as stored."""
@@ -150,15 +154,23 @@ class Artifact:
     def _decode(self, module: ModuleEntry, entries: list[Any], get: Callable[[str], Tensor]) -> Block:
         shape = (module.shape[0], module.shape[1])
         lora = self.manifest.parameterization
+        dtype = self.manifest.dtype
+        if self._sink is not None:
+            for entry in entries:
+                for ref in (entry.input, entry.output) if isinstance(entry, KronEigBlockEntry) else ():
+                    check_tail(self._sink, ref.eigenvalues, get(ref.eigenvalues), ref.tail, dtype)
         if not isinstance(lora, LoraParameterization):
-            return decode_weight_block(entries[0], shape, get)
+            return decode_weight_block(entries[0], shape, get, dtype)
         if isinstance(entries[0], KronTridiagBlockEntry):
-            return decode_tridiag(entries[0], shape, lora.rank, get)
+            block, norm = decode_tridiag(entries[0], shape, lora.rank, get, dtype)
+            if self._sink is not None:
+                check_cross(self._sink, entries[0].cross_output, norm)
+            return block
         by_param = {e.param: e for e in entries}
         d_out, d_in = shape
         return LoraPairBlock(
-            decode_weight_block(by_param["lora_A"], (lora.rank, d_in), get),
-            decode_weight_block(by_param["lora_B"], (d_out, lora.rank), get),
+            decode_weight_block(by_param["lora_A"], (lora.rank, d_in), get, dtype),
+            decode_weight_block(by_param["lora_B"], (d_out, lora.rank), get, dtype),
         )
 
     def lora_init(self, module: str) -> tuple[Tensor, Tensor]:
@@ -177,8 +189,7 @@ class Artifact:
         specs = expected_tensors(self.manifest)
         if module is not None:
             specs = {k: s for k, s in specs.items() if s.where.startswith(f"modules.{module}.")}
-        sizes = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
-        return sum(sizes[s.dtype] * math.prod(s.shape) for s in specs.values())
+        return sum(tensor_dtype(s.dtype).itemsize * math.prod(s.shape) for s in specs.values())
 
     def save(
         self, path: str | Path, *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import platform
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
@@ -11,7 +12,8 @@ from torch import Tensor
 from laplace_hub.artifact.artifact import Artifact
 from laplace_hub.artifact.codec import BlockEncoder
 from laplace_hub.artifact.store import tensor_dtype
-from laplace_hub.curvature import Block
+from laplace_hub.artifact.values import psd_for_storage
+from laplace_hub.curvature import Block, pack_symmetric, unpack_symmetric
 from laplace_hub.manifest import (
     FORMAT_NAME,
     BlockEntry,
@@ -19,6 +21,7 @@ from laplace_hub.manifest import (
     LoraInitRef,
     Manifest,
     ModuleEntry,
+    expected_tensors,
     required_version,
 )
 
@@ -87,7 +90,18 @@ class ArtifactBuilder:
         )
         # The lowest version able to hold it, so that older readers read what uses no newer feature.
         manifest = manifest.model_copy(update={"spec_version": required_version(manifest)})
+        for key, spec in expected_tensors(manifest).items():
+            if spec.role == "factor":
+                tensors[key] = _storable_factor(self._encoder.tensors[key], self.dtype)
         return Artifact(manifest, tensors.__getitem__)
+
+
+def _storable_factor(tensor: Tensor, dtype: DType) -> Tensor:
+    """A factor as stored in ``dtype``, mended where rounding left it a hair indefinite (SPEC.md §8.3)."""
+    if tensor.dim() == 2:
+        return psd_for_storage(tensor, tensor_dtype(dtype), dtype)
+    n = (math.isqrt(8 * tensor.shape[0] + 1) - 1) // 2
+    return pack_symmetric(psd_for_storage(unpack_symmetric(tensor, n), tensor_dtype(dtype), dtype))
 
 
 def minimal_fields(**overrides: Any) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from laplace_hub.artifact.values import cross_norm, ridged
 from laplace_hub.curvature import (
     Block,
     DenseFactor,
@@ -29,6 +30,7 @@ from laplace_hub.manifest import (
     BlockEntry,
     DiagBlockEntry,
     DiagLowRankBlockEntry,
+    DType,
     EigenFactorRef,
     FactorRef,
     KronBlockEntry,
@@ -144,38 +146,48 @@ class BlockEncoder:
         raise StructureError(f"cannot store a {type(block).__name__}")
 
 
-def _load_factor(ref: FactorRef, n: int, get: TensorGetter) -> DenseFactor:
+def _load_factor(ref: FactorRef, n: int, get: TensorGetter, dtype: DType) -> DenseFactor:
     tensor = get(ref.key)
-    return DenseFactor(unpack_symmetric(tensor, n) if ref.packed else tensor)
+    return DenseFactor(ridged(unpack_symmetric(tensor, n) if ref.packed else tensor, dtype))
 
 
 def _load_eigen(ref: EigenFactorRef, get: TensorGetter) -> EigenFactor:
-    return EigenFactor(get(ref.eigenvectors), get(ref.eigenvalues), ref.tail)
+    # eigenvalues below the tail by rounding are clipped to it: then λ − tail ≥ 0 and F is PSD for any V
+    return EigenFactor(get(ref.eigenvectors), get(ref.eigenvalues).clamp_min(ref.tail), ref.tail)
 
 
-def decode_weight_block(entry: BlockEntry, dims: tuple[int, int], get: TensorGetter) -> WeightBlock:
-    """The block a diag/diag_lowrank/kron/kron_eig entry describes, over a matrix of ``dims = (d_out, d_in)``."""
+def decode_weight_block(entry: BlockEntry, dims: tuple[int, int], get: TensorGetter, dtype: DType) -> WeightBlock:
+    """The block a diag/diag_lowrank/kron/kron_eig entry describes, over a matrix of ``dims = (d_out, d_in)``.
+
+    ``dtype`` is the stored dtype, whose tolerance sets the ridge of dense factors (SPEC.md §8.3).
+    """
     d_out, d_in = dims
     if isinstance(entry, DiagBlockEntry):
         return DiagBlock(get(entry.diagonal))
     if isinstance(entry, DiagLowRankBlockEntry):
         return DiagLowRankBlock(get(entry.diagonal), get(entry.lowrank))
     if isinstance(entry, KronBlockEntry):
-        return KronBlock(_load_factor(entry.input, d_in, get), _load_factor(entry.output, d_out, get))
+        return KronBlock(_load_factor(entry.input, d_in, get, dtype), _load_factor(entry.output, d_out, get, dtype))
     if isinstance(entry, KronEigBlockEntry):
         return KronBlock(_load_eigen(entry.input, get), _load_eigen(entry.output, get))
     raise StructureError(f"{entry.structure} is not a single-matrix block")
 
 
-def decode_tridiag(entry: KronTridiagBlockEntry, shape: tuple[int, int], rank: int, get: TensorGetter) -> LoraPairBlock:
-    """The LoRA pair block a ``kron_tridiag`` entry describes."""
+def decode_tridiag(
+    entry: KronTridiagBlockEntry, shape: tuple[int, int], rank: int, get: TensorGetter, dtype: DType
+) -> tuple[LoraPairBlock, float]:
+    """The LoRA pair block a ``kron_tridiag`` entry describes, and its cross norm (PSD iff ``≤ 1``).
+
+    A cross norm a hair above 1 (rounding) is scaled down to 1 here; far above, the reader refuses.
+    """
     d_out, d_in = shape
-    return LoraPairBlock(
-        KronBlock(_load_factor(entry.a_input, d_in, get), _load_factor(entry.a_output, rank, get)),
-        KronBlock(_load_factor(entry.b_input, rank, get), _load_factor(entry.b_output, d_out, get)),
-        get(entry.cross_input),
-        get(entry.cross_output),
-    )
+    a = KronBlock(_load_factor(entry.a_input, d_in, get, dtype), _load_factor(entry.a_output, rank, get, dtype))
+    b = KronBlock(_load_factor(entry.b_input, rank, get, dtype), _load_factor(entry.b_output, d_out, get, dtype))
+    cross_input, cross_output = get(entry.cross_input), get(entry.cross_output)
+    norm = cross_norm(a.input.dense(), a.output.dense(), b.input.dense(), b.output.dense(), cross_input, cross_output)
+    if norm > 1:
+        cross_output = cross_output / norm
+    return LoraPairBlock(a, b, cross_input, cross_output), norm
 
 
 def as_dtype(get: TensorGetter, dtype: torch.dtype, device: torch.device | str | None) -> TensorGetter:

@@ -1,18 +1,23 @@
-"""File-level rules of the format: allowed names, bounded reads, safetensors headers, checksums.
+"""File-level rules of the format: allowed names, safe opens, bounded JSON, safetensors headers, checksums.
 
-Everything here treats its input as hostile: sizes are checked before anything is allocated, and
-only names of a fixed grammar are ever joined to the artifact folder.
+Everything here treats its input as hostile: no link is followed and no FIFO or device is opened,
+sizes are checked before anything is allocated, JSON is bounded in depth and number size, and
+only names of a fixed grammar are ever joined to the artifact folder. Every failure is an
+:class:`ArtifactError` with a finding code, never a bare ``OSError`` or ``RecursionError``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
+import os
 import re
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from laplace_hub.errors import ArtifactError, UnsafePathError
 from laplace_hub.manifest import INDEX_NAME, SINGLE_FILE_NAME
@@ -20,9 +25,13 @@ from laplace_hub.manifest import INDEX_NAME, SINGLE_FILE_NAME
 MAX_MANIFEST_BYTES = 64 * 2**20
 MAX_INDEX_BYTES = 64 * 2**20
 MAX_HEADER_BYTES = 100 * 2**20
+MAX_JSON_DEPTH = 32
+MAX_INT_DIGITS = 24
+DEFAULT_MAX_BYTES = 256 * 2**30
 SHARD_PATTERN = re.compile(r"^laplace-(\d{5})-of-(\d{5})\.safetensors$")
 DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
 DTYPE_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def check_file_name(name: str, *, location: str) -> str:
@@ -41,15 +50,129 @@ def shard_name(index: int, total: int) -> str:
     return f"laplace-{index:05d}-of-{total:05d}.safetensors"
 
 
+def unreadable(path: Path, error: OSError) -> ArtifactError:
+    """An OS error on an artifact file as a finding-coded error naming the file."""
+    return ArtifactError(f"cannot be read: {error.strerror or error}", location=path.name, code="file.unreadable")
+
+
+def regular_size(path: Path) -> int | None:
+    """The size of ``path`` if it is a regular file (not a link); ``None`` if there is nothing there.
+
+    Raises:
+        ArtifactError: (``file.not_regular``) a link, folder, FIFO or device; (``file.unreadable``)
+            the entry cannot be looked at.
+
+    """
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise unreadable(path, e) from e
+    if not stat.S_ISREG(info.st_mode):
+        what = "a symbolic link" if stat.S_ISLNK(info.st_mode) else "not a regular file"
+        raise ArtifactError(
+            f"is {what}; artifact files must be regular files", location=path.name, code="file.not_regular"
+        )
+    return info.st_size
+
+
+def open_regular(path: Path) -> BinaryIO:
+    """Open a regular file for reading, never following a link nor blocking on a FIFO."""
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as e:
+        regular_size(path)  # names a link or a FIFO precisely
+        raise unreadable(path, e) from e
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ArtifactError("is not a regular file", location=path.name, code="file.not_regular")
+    return os.fdopen(fd, "rb")
+
+
+class _JSONLimit(ValueError):
+    """Raised from inside the JSON parser's hooks; turned into a finding by :func:`parse_json`."""
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise _JSONLimit(f"an integer of {len(text)} digits (at most {MAX_INT_DIGITS} allowed)")
+    return int(text)
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _JSONLimit(f"the number {text[:20]} overflows a float64")
+    return value
+
+
+def _refuse_constant(text: str) -> Any:
+    raise _JSONLimit(f"{text} is not JSON")
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        duplicate = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+        raise _JSONLimit(f"key {duplicate[:64]!r} appears twice in one object")
+    return out
+
+
+def _check_tree(value: Any) -> None:
+    """Depth and text rules on parsed JSON, iteratively (deep input must not recurse here either)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, str):
+            if not node.isascii() and _SURROGATE.search(node):
+                raise _JSONLimit("a string holds a lone UTF-16 surrogate (not Unicode text)")
+            continue
+        if not isinstance(node, dict | list):
+            continue
+        if depth > MAX_JSON_DEPTH:
+            raise _JSONLimit(f"nesting deeper than {MAX_JSON_DEPTH} levels")
+        children = [*node.keys(), *node.values()] if isinstance(node, dict) else node
+        stack.extend((child, depth + 1) for child in children)
+
+
+def parse_json(data: bytes, *, location: str, code: str) -> Any:
+    """Parse JSON bytes as the spec allows: UTF-8, bounded depth and numbers, no duplicate keys.
+
+    Raises:
+        ArtifactError: carrying ``code``, naming ``location``.
+
+    """
+    try:
+        value = json.loads(
+            data.decode("utf-8"),
+            parse_int=_bounded_int,
+            parse_float=_finite_float,
+            parse_constant=_refuse_constant,
+            object_pairs_hook=_unique_keys,
+        )
+        _check_tree(value)
+    except RecursionError:
+        raise ArtifactError(
+            f"not valid JSON: nesting deeper than {MAX_JSON_DEPTH} levels", location=location, code=code
+        ) from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, _JSONLimit
+        raise ArtifactError(f"not valid JSON: {str(e)[:200]}", location=location, code=code) from None
+    return value
+
+
 def read_json_bounded(path: Path, limit: int, *, code: str) -> Any:
     """Read a JSON file no larger than ``limit`` bytes; errors name the file and carry ``code``."""
-    size = path.stat().st_size
-    if size > limit:
-        raise ArtifactError(f"file is {size} bytes, above the limit of {limit}", location=path.name, code=code)
     try:
-        return json.loads(path.read_bytes())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ArtifactError(f"not valid JSON: {e}", location=path.name, code=code) from e
+        with open_regular(path) as f:
+            data = f.read(limit + 1)
+    except OSError as e:
+        raise unreadable(path, e) from e
+    if len(data) > limit:
+        raise ArtifactError(f"file is larger than the limit of {limit} bytes", location=path.name, code=code)
+    return parse_json(data, location=path.name, code=code)
 
 
 @dataclass(frozen=True)
@@ -75,28 +198,37 @@ def _header_error(path: Path, message: str) -> ArtifactError:
 
 
 def read_safetensors_header(path: Path) -> SafetensorsHeader:
-    """Parse a safetensors header and check every offset against the real file size.
+    """Parse a safetensors header and hold it to every rule of the safetensors loader.
+
+    The data buffer must be covered exactly: tensors lie back to back from offset 0 to the end of
+    the file, with no hole, overlap or trailing byte (what the Rust loader demands too, so that
+    no header accepted here is refused when the tensors are read).
 
     Raises:
-        ArtifactError: (code ``file.bad_safetensors``) the header is absurd, truncated,
-            malformed, or describes tensors outside the file or of the wrong byte size.
+        ArtifactError: (code ``file.bad_safetensors``) the header is absurd, truncated, malformed,
+            or its tensors do not tile the data exactly.
 
     """
-    file_size = path.stat().st_size
-    with path.open("rb") as f:
-        prefix = f.read(8)
-        if len(prefix) < 8:
-            raise _header_error(path, f"file is {file_size} bytes, too short for a safetensors header")
-        (header_size,) = struct.unpack("<Q", prefix)
-        if header_size > min(MAX_HEADER_BYTES, file_size - 8):
-            raise _header_error(
-                path, f"header claims {header_size} bytes but the file has {file_size} (truncated or forged)"
-            )
-        raw = f.read(header_size)
     try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise _header_error(path, f"header is not valid JSON: {e}") from e
+        with open_regular(path) as f:
+            file_size = os.fstat(f.fileno()).st_size
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise _header_error(path, f"file is {file_size} bytes, too short for a safetensors header")
+            (header_size,) = struct.unpack("<Q", prefix)
+            if header_size > min(MAX_HEADER_BYTES, file_size - 8):
+                raise _header_error(
+                    path, f"header claims {header_size} bytes but the file has {file_size} (truncated or forged)"
+                )
+            raw = f.read(header_size)
+    except OSError as e:
+        raise unreadable(path, e) from e
+    if not raw.startswith(b"{"):
+        raise _header_error(path, "header is not a JSON object")
+    try:
+        header = parse_json(raw, location=path.name, code="file.bad_safetensors")
+    except ArtifactError as e:
+        raise _header_error(path, f"header {e.message}") from None
     if not isinstance(header, dict):
         raise _header_error(path, "header is not a JSON object")
     metadata = header.pop("__metadata__", {})
@@ -104,32 +236,46 @@ def read_safetensors_header(path: Path) -> SafetensorsHeader:
         raise _header_error(path, "__metadata__ must map strings to strings")
     data_size = file_size - 8 - header_size
     tensors = {key: _parse_entry(path, key, entry, data_size) for key, entry in header.items()}
+    end = 0
+    for key, entry in sorted(tensors.items(), key=lambda item: (item[1].start, item[1].end)):
+        if entry.start != end:
+            what = "overlaps the tensor before it" if entry.start < end else f"leaves a hole at byte {end}"
+            raise _header_error(path, f"tensor {key!r} {what}: tensors must lie back to back")
+        end = entry.end
+    if end != data_size:
+        raise _header_error(path, f"tensors cover {end} of the {data_size} data bytes (trailing bytes)")
     return SafetensorsHeader(tensors, metadata)
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _parse_entry(path: Path, key: str, entry: Any, data_size: int) -> TensorHeader:
-    try:
-        dtype, shape, (start, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
-    except (KeyError, TypeError, ValueError) as e:
-        raise _header_error(path, f"tensor {key!r}: malformed header entry") from e
-    if dtype not in DTYPE_SIZES:
-        raise _header_error(path, f"tensor {key!r}: dtype {dtype!r} not allowed ({', '.join(DTYPE_SIZES)})")
-    if not (isinstance(shape, list) and all(isinstance(d, int) and 0 <= d < 2**40 for d in shape)):
-        raise _header_error(path, f"tensor {key!r}: bad shape {shape!r}")
-    if not (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end <= data_size):
+    if not (isinstance(entry, dict) and entry.keys() == {"dtype", "shape", "data_offsets"}):
+        raise _header_error(path, f"tensor {key!r}: an entry holds exactly dtype, shape and data_offsets")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not (isinstance(dtype, str) and dtype in DTYPE_SIZES):
+        raise _header_error(path, f"tensor {key!r}: dtype {str(dtype)[:20]!r} not allowed ({', '.join(DTYPE_SIZES)})")
+    if not (isinstance(shape, list) and len(shape) <= 8 and all(_is_int(d) and 0 <= d < 2**40 for d in shape)):
+        raise _header_error(path, f"tensor {key!r}: bad shape {str(shape)[:40]}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
+        raise _header_error(path, f"tensor {key!r}: data_offsets must be two integers")
+    start, end = offsets
+    if not 0 <= start <= end <= data_size:
         raise _header_error(path, f"tensor {key!r}: data offsets [{start}, {end}] outside the {data_size} data bytes")
-    numel = 1
-    for d in shape:
-        numel *= d
-    if numel * DTYPE_SIZES[dtype] != end - start:
+    if math.prod(shape) * DTYPE_SIZES[dtype] != end - start:
         raise _header_error(path, f"tensor {key!r}: {end - start} bytes for shape {shape} of {dtype}")
     return TensorHeader(DTYPE_NAMES[dtype], tuple(shape), start, end)
 
 
 def sha256_file(path: Path, chunk: int = 8 * 2**20) -> str:
-    """Hex sha256 of a file, streamed."""
+    """Hex sha256 of a regular file, streamed."""
     digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
+    try:
+        with open_regular(path) as f:
+            while block := f.read(chunk):
+                digest.update(block)
+    except OSError as e:
+        raise unreadable(path, e) from e
     return digest.hexdigest()

@@ -96,7 +96,7 @@ def write_artifact(
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest_json(written), indent=2) + "\n")
         for name in [*names, MANIFEST_NAME]:
             _fsync(tmp / name)
-        _swap_into_place(tmp, path)
+        replace_folder(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -122,14 +122,32 @@ def _write_tensors(
     return [*names, INDEX_NAME]
 
 
-def _swap_into_place(tmp: Path, path: Path) -> None:
-    if not path.exists():
-        os.rename(tmp, path)
+def replace_folder(staged: Path, target: Path) -> None:
+    """Put the folder ``staged`` at ``target``, replacing whatever is there, all or nothing.
+
+    A rename cannot replace a non-empty folder, so an old ``target`` (folder, file or link) is
+    first renamed aside, then ``staged`` renamed into place, then the old one deleted; should the
+    second rename fail, the old one is renamed back. Readers see the old folder or the new one,
+    never a mix. ``staged`` must be on the same filesystem (a sibling of ``target``).
+
+    Raises:
+        OSError: a rename failed (``target`` is then as it was).
+
+    """
+    if not os.path.lexists(target):
+        os.rename(staged, target)
         return
-    old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-    os.rename(path, old)
-    os.rename(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
+    old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+    os.rename(target, old)
+    try:
+        os.rename(staged, target)
+    except BaseException:
+        os.rename(old, target)
+        raise
+    if old.is_dir() and not old.is_symlink():
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        old.unlink(missing_ok=True)
 
 
 def tensor_dtype(name: str) -> torch.dtype:

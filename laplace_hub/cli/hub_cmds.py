@@ -39,7 +39,7 @@ def register(sub: Any) -> None:
     p = add_command(
         sub,
         "pull",
-        "Download an artifact (only its files), pinned to a commit, verified before use.",
+        "Download an artifact (only its files), pinned to a commit, verified (checksums, values) before use.",
         "  laplace-hub pull me/smollm2-laplace\n"
         "  laplace-hub pull HuggingFaceTB/SmolLM2-135M-Instruct@v1.0 --subfolder laplace --local-dir ./artifact\n"
         "  HF_HUB_OFFLINE=1 laplace-hub pull me/smollm2-laplace --json   # from the cache",
@@ -48,6 +48,9 @@ def register(sub: Any) -> None:
     p.add_argument("--subfolder", default="")
     p.add_argument("--hub", help=HUB_HELP)
     p.add_argument("--local-dir", help="put the files here instead of the Hugging Face cache")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace a --local-dir that holds files other than an earlier pull"
+    )
     p.add_argument("--cache-dir", help="the Hugging Face cache to use")
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=run_pull)
@@ -100,6 +103,7 @@ def run_pull(args: argparse.Namespace) -> int:
         hub=args.hub,
         local_dir=args.local_dir,
         cache_dir=args.cache_dir,
+        overwrite=args.overwrite,
     )
     summary = {
         "path": str(artifact.path),
@@ -114,7 +118,7 @@ def run_pull(args: argparse.Namespace) -> int:
     else:
         print(
             f"{repo_id}@{summary['revision']}: {summary['modules']} modules, {human_bytes(summary['bytes'])}, "
-            "checksums verified"
+            "checksums and values verified"
         )
         print(summary["path"])
     return 0

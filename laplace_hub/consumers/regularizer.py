@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 from collections.abc import Hashable, Iterator
@@ -183,13 +184,18 @@ class LaplaceRegularizer(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, repo_id: str, *, model: nn.Module, strength: float, mode: Mode = "weight", **pull_kwargs: Any
+        cls, repo_id: str, *, model: nn.Module, strength: float, mode: Mode = "weight", **kwargs: Any
     ) -> LaplaceRegularizer:
         """The fine-tuner's one-liner: pull an artifact by repo id and build the regularizer for ``model``.
 
-        ``pull_kwargs`` (``revision``, ``subfolder``, ``hub``, …) are those of :func:`laplace_hub.hub.pull`.
+        ``kwargs`` named like :meth:`from_artifact`'s (``adapter``, ``on_unmatched``,
+        ``check_fingerprint``, ``cross``) go there; the rest (``revision``, ``subfolder``, ``hub``, …)
+        to :func:`laplace_hub.hub.pull`, so one call can steer both.
         """
-        return cls.from_artifact(Artifact.from_pretrained(repo_id, **pull_kwargs), model, strength=strength, mode=mode)
+        own = inspect.signature(cls.from_artifact).parameters.keys() - {"artifact", "model", "strength", "mode"}
+        consumer = {key: kwargs.pop(key) for key in own & kwargs.keys()}
+        artifact = Artifact.from_pretrained(repo_id, **kwargs)
+        return cls.from_artifact(artifact, model, strength=strength, mode=mode, **consumer)
 
     @classmethod
     def identity(

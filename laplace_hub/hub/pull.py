@@ -1,20 +1,63 @@
 """Fetching an artifact: pinned to a commit, only its files, verified before anyone sees it.
 
-A pull that fails verification (checksum, spec version, missing artifact) removes what it
-downloaded, from the Hugging Face cache or the local dir, so that no partial artifact remains.
+Verified means checksums, spec version and every tensor's values. What a pull places in
+``local_dir`` is the bytes it verified: they are copied (local hub) or downloaded (Hub) into a
+staging folder beside ``local_dir``, verified there, then renamed into place. Nothing is hashed,
+copied or downloaded before the manifest's sizes are checked against the real (or listed) sizes
+and against the bytes its tensors can need, so a forged 50 GiB file is refused without reading it.
+
+A pull that fails leaves nothing behind (no staging folder, no partial ``local_dir``, no
+unverified files in the Hugging Face cache) and raises a :class:`LaplaceHubError`.
 """
 
 from __future__ import annotations
 
+import glob
+import hashlib
+import json
+import math
+import os
 import shutil
+import stat
 import uuid
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from laplace_hub.artifact import Artifact
-from laplace_hub.errors import HubError, LaplaceHubError, MissingExtraError
+from laplace_hub.artifact.files import (
+    DTYPE_NAMES,
+    DTYPE_SIZES,
+    MAX_HEADER_BYTES,
+    MAX_INDEX_BYTES,
+    MAX_MANIFEST_BYTES,
+    check_file_name,
+)
+from laplace_hub.artifact.store import replace_folder
+from laplace_hub.errors import (
+    ArtifactError,
+    ChecksumError,
+    HubError,
+    LaplaceHubError,
+    ManifestError,
+    MissingExtraError,
+)
 from laplace_hub.hub.locations import endpoint_of, local_root, repo_path
-from laplace_hub.manifest import MANIFEST_NAME
+from laplace_hub.manifest import CARD_NAME, INDEX_NAME, MANIFEST_NAME, expected_tensors, parse_manifest
+
+MAX_CARD_BYTES = 2**20
+_CHUNK = 8 * 2**20
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+# O_NONBLOCK: opening a FIFO planted under an artifact's name returns at once instead of hanging.
+_FILE_FLAGS = os.O_RDONLY | _NOFOLLOW | getattr(os, "O_NONBLOCK", 0) | _CLOEXEC
+_DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _NOFOLLOW | _CLOEXEC
+# What a local_dir may hold and still count as an earlier pull (.cache: huggingface_hub's
+# bookkeeping, left by pulls of earlier versions).
+_PULLED_EXTRAS = (MANIFEST_NAME, CARD_NAME, ".cache")
 
 
 @dataclass(frozen=True)
@@ -41,96 +84,385 @@ def pull(
     local_dir: str | Path | None = None,
     cache_dir: str | Path | None = None,
     token: str | bool | None = None,
+    overwrite: bool = False,
 ) -> Artifact:
-    """Download an artifact (only its files), verify checksums and spec version, and open it.
+    """Fetch an artifact (only its files), verify checksums, spec version and values, and open it.
 
     Works offline (``HF_HUB_OFFLINE=1``) from the cache. The returned artifact's ``origin`` records
-    the repo, the resolved commit sha and the subfolder.
+    the repo, the revision and the subfolder. On the Hub the revision is the resolved commit sha.
+    A local folder hub has no commits: its revision is the sha256 of the ``laplace.json`` bytes,
+    a content id of the whole artifact since the manifest records every file's sha256.
+
+    A local folder hub is read without following links below its root: a linked owner, repo or
+    subfolder folder is refused, and only the manifest, the files it lists and a ``README.md``
+    (a regular file of at most 1 MiB) are copied, never hidden or other entries. Without
+    ``local_dir`` the hub's folder is opened in place, after the same link checks, and verified.
+
+    Args:
+        repo_id: ``owner/name``.
+        revision: Branch, tag, PR ref or commit sha (Hub only).
+        subfolder: The artifact's folder inside the repo.
+        hub: ``None`` for the Hugging Face Hub (``HF_ENDPOINT``), an ``http(s)://`` endpoint, or a
+            local folder / ``file://`` URL.
+        local_dir: Put the verified files here instead of the Hugging Face cache.
+        cache_dir: The Hugging Face cache to use.
+        token: As ``huggingface_hub`` takes it; never printed.
+        overwrite: Replace a ``local_dir`` that holds something other than an earlier pull.
 
     Raises:
-        HubError: repo, revision or artifact not found, not cached while offline, or the download
-            does not verify (then nothing is left behind).
-        UnsupportedVersionError: the artifact's spec major version is not ours.
+        HubError: repo, revision or artifact not found, not cached while offline, a link or
+            special file in a local hub, a ``local_dir`` holding other files, or an OS error.
+        ArtifactError: the artifact does not verify (its subclasses say how); nothing is left.
 
     """
     sub = subfolder.strip("/")
-    root = local_root(hub)
-    if root is not None:
-        return _pull_local(root, repo_id, sub, revision, local_dir)
-    return _pull_remote(repo_id, revision, sub, endpoint_of(hub), local_dir, cache_dir, token)
+    target = None if local_dir is None else Path(local_dir)
+    try:
+        if target is not None:
+            _check_target(target, overwrite)
+        root = local_root(hub)
+        if root is not None:
+            return _pull_local(root, repo_id, sub, revision, target)
+        return _pull_remote(repo_id, revision, sub, endpoint_of(hub), target, cache_dir, token)
+    except LaplaceHubError:
+        raise
+    except (OSError, RecursionError) as e:  # shutil.Error, NotADirectoryError, … are OSErrors
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e) or type(e).__name__
+        where = getattr(e, "filename", None) or repo_id
+        raise HubError(f"pull of {repo_id} failed: {reason}", location=str(where)) from e
+
+
+def _check_target(target: Path, overwrite: bool) -> None:
+    """Refuse to replace a ``local_dir`` that is not empty and not an earlier pull, unless told to."""
+    if overwrite:
+        return
+    try:
+        info = os.lstat(target)
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(info.st_mode):
+        reason = "is a symbolic link"
+    elif not stat.S_ISDIR(info.st_mode):
+        reason = "is a file, not a folder"
+    else:
+        names = sorted(os.listdir(target))
+        foreign = [n for n in names if n not in _PULLED_EXTRAS and not _artifact_file_name(n)]
+        if not names or (MANIFEST_NAME in names and not foreign):
+            return
+        shown = ", ".join(repr(n) for n in (foreign or names)[:3])
+        reason = f"holds {shown}, not an earlier pull of an artifact"
+    raise HubError(
+        f"local_dir {reason}; refusing to replace it (pass overwrite=True / --overwrite, or pick an empty folder)",
+        location=str(target),
+    )
+
+
+def _artifact_file_name(name: str) -> bool:
+    try:
+        check_file_name(name, location=name)
+    except LaplaceHubError:
+        return False
+    return True
+
+
+def _at(where: str, name: str) -> str:
+    return f"{where}: {name}"
 
 
 def _open_verified(folder: Path, where: str) -> Artifact:
-    if not (folder / MANIFEST_NAME).is_file():
-        raise HubError(f"no laplace-hub artifact at {where} (no {MANIFEST_NAME}); check the repo and --subfolder")
+    """Open ``folder`` checking every checksum and every tensor's values; errors name ``where``."""
     try:
-        return Artifact.open(folder, verify_checksums=True)
+        return Artifact.open(folder, verify_checksums=True, check_values=True)
     except LaplaceHubError as e:
         e.location = f"{where}: {e.location}" if e.location else where
         e.args = (f"{e.location}: {e.message}",)
         raise
 
 
-def _copy_into(source: Path, local_dir: Path) -> Path:
-    """Copy a verified artifact into ``local_dir`` atomically (temp sibling, then rename)."""
-    local_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = local_dir.parent / f".{local_dir.name}.pull-{uuid.uuid4().hex[:8]}"
-    shutil.copytree(source, staging)
-    if local_dir.exists():
-        shutil.rmtree(local_dir)
-    staging.rename(local_dir)
-    return local_dir
+def _listed_files(raw: bytes) -> dict[str, int]:
+    """The manifest's ``files`` (name → declared size), read leniently: only well-formed entries.
+
+    This decides what to copy, nothing more; verification reports whatever is malformed.
+    """
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError):
+        return {}
+    files = data.get("files") if isinstance(data, dict) else None
+    if not isinstance(files, dict):
+        return {}
+    listed: dict[str, int] = {}
+    for name, entry in files.items():
+        size = entry.get("size") if isinstance(entry, dict) else None
+        if _artifact_file_name(name) and isinstance(size, int) and not isinstance(size, bool) and size >= 0:
+            listed[name] = size
+    return listed
 
 
-def _pull_local(root: Path, repo_id: str, sub: str, revision: str | None, local_dir: str | Path | None) -> Artifact:
+def _within_budget(raw: bytes, where: str) -> bool:
+    """Refuse files larger in all than the tensors the manifest declares can need, before reading any.
+
+    Each tensor file holds only referenced tensors plus a bounded header, so the declared sizes
+    cannot exceed the tensors' bytes plus one header per file and the index.
+
+    Returns:
+        False when the manifest does not parse: then nothing but it is fetched, and verification
+        names the problem.
+
+    """
+    try:
+        data = json.loads(raw)
+        if not isinstance(data, dict):
+            return False
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a newer minor's unknown fields: the open warns once
+            manifest = parse_manifest(data)
+        specs = expected_tensors(manifest)
+    except (LaplaceHubError, ValueError, TypeError, RecursionError):
+        return False
+    width = {DTYPE_NAMES[k]: v for k, v in DTYPE_SIZES.items()}
+    tensor_bytes = sum(width.get(s.dtype, 8) * math.prod(s.shape) for s in specs.values())
+    tensor_files = [name for name in manifest.files if name != INDEX_NAME]
+    index_bytes = MAX_INDEX_BYTES if INDEX_NAME in manifest.files else 0
+    budget = tensor_bytes + len(tensor_files) * (8 + MAX_HEADER_BYTES) + index_bytes
+    declared = sum(entry.size for entry in manifest.files.values())
+    if declared > budget:
+        raise ArtifactError(
+            f"the manifest declares {declared} bytes of files, more than its tensors can need ({budget}); "
+            "refusing to hash or copy them",
+            location=_at(where, "files"),
+            code="file.size",
+        )
+    return True
+
+
+# --- a local folder hub ---------------------------------------------------------------------------
+
+
+def _pull_local(root: Path, repo_id: str, sub: str, revision: str | None, target: Path | None) -> Artifact:
     if revision not in (None, "main"):
         raise HubError("a local hub has no revisions; drop @revision")
     source = repo_path(root, repo_id, sub)
-    artifact = _open_verified(source, f"{repo_id}/{sub}" if sub else repo_id)
-    if local_dir is not None:
-        artifact = Artifact.open(_copy_into(source, Path(local_dir)))
-    artifact.origin = Origin(repo_id, artifact.manifest.files[next(iter(artifact.manifest.files))].sha256, sub)
+    where = f"{repo_id}/{sub}" if sub else repo_id
+    folder = _open_folder(root, source.relative_to(root).parts, where)
+    try:
+        raw = _read_manifest(folder, where, source)
+        listed = _listed_files(raw)
+        fits = _within_budget(raw, where)
+        if target is None:
+            for name, size in listed.items():
+                _check_in_place(folder, name, size, where)
+            artifact = _open_verified(source, where)
+        else:
+            artifact = _staged(
+                target, where, lambda staging: _copy_local(folder, raw, listed if fits else {}, staging, where)
+            )
+    finally:
+        os.close(folder)
+    artifact.origin = Origin(repo_id, hashlib.sha256(raw).hexdigest(), sub)
     return artifact
 
 
-def _pull_remote(
-    repo_id: str,
-    revision: str | None,
-    sub: str,
-    endpoint: str | None,
-    local_dir: str | Path | None,
-    cache_dir: str | Path | None,
-    token: str | bool | None,
-) -> Artifact:
+def _open_folder(root: Path, parts: tuple[str, ...], where: str) -> int:
+    """Walk from the hub's root to the artifact folder one component at a time, following no link.
+
+    Each step opens the next folder relative to the previous one with ``O_NOFOLLOW``, so no
+    component can be swapped for a link between the check and the use.
+
+    Returns:
+        A file descriptor of the artifact folder (the caller closes it).
+
+    """
     try:
-        from huggingface_hub import HfApi, snapshot_download
-        from huggingface_hub.errors import (
-            HfHubHTTPError,
-            LocalEntryNotFoundError,
-            RepositoryNotFoundError,
-            RevisionNotFoundError,
-            RevisionResolutionError,
+        fd = os.open(root, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _CLOEXEC)
+    except OSError as e:
+        raise HubError(f"the local hub is not a readable folder ({e.strerror})", location=str(root)) from e
+    path = root
+    try:
+        for part in parts:
+            path = path / part
+            try:
+                info = os.stat(part, dir_fd=fd, follow_symlinks=False)
+            except FileNotFoundError:
+                raise HubError(
+                    f"no laplace-hub artifact at {where} ({path} does not exist); check the repo and --subfolder",
+                    location=str(path),
+                ) from None
+            if stat.S_ISLNK(info.st_mode):
+                raise HubError(
+                    "is a symbolic link; a local hub is read without following links (put the folder itself there)",
+                    location=str(path),
+                )
+            if not stat.S_ISDIR(info.st_mode):
+                raise HubError(f"is not a folder; no laplace-hub artifact at {where}", location=str(path))
+            try:
+                child = os.open(part, _DIR_FLAGS, dir_fd=fd)
+            except OSError as e:  # swapped for a link meanwhile (ELOOP), or no permission
+                raise HubError(f"cannot be opened as a folder ({e.strerror})", location=str(path)) from e
+            os.close(fd)
+            fd = child
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISLNK(mode):
+        return "a symbolic link"
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    return "a device or socket" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) or stat.S_ISSOCK(mode) else "not a file"
+
+
+def _open_file(folder: int, name: str, where: str, *, strict: bool = True) -> int | None:
+    """Open ``name`` in ``folder`` for reading if it is a regular file; ``None`` when absent.
+
+    Raises:
+        HubError: (``strict`` only; otherwise ``None``) a link, FIFO, device, folder or unreadable.
+
+    """
+    try:
+        info = os.stat(name, dir_fd=folder, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+    mode = info.st_mode
+    if stat.S_ISREG(mode):
+        try:
+            fd = os.open(name, _FILE_FLAGS, dir_fd=folder)
+        except OSError as e:
+            if not strict:
+                return None
+            raise HubError(f"cannot be read ({e.strerror})", location=_at(where, name)) from e
+        mode = os.fstat(fd).st_mode  # the entry may have been swapped since the stat
+        if stat.S_ISREG(mode):
+            return fd
+        os.close(fd)
+    if not strict:
+        return None
+    raise HubError(f"is {_kind(mode)}; a pull copies regular files only", location=_at(where, name))
+
+
+def _read_manifest(folder: int, where: str, source: Path) -> bytes:
+    fd = _open_file(folder, MANIFEST_NAME, where)
+    if fd is None:
+        raise HubError(
+            f"no laplace-hub artifact at {where} (no {MANIFEST_NAME}); check the repo and --subfolder",
+            location=str(source),
         )
-    except ImportError as e:
-        raise MissingExtraError("huggingface-hub", "hf") from e
-    api = HfApi(endpoint=endpoint, token=token)
-    where = f"{repo_id}@{revision or 'main'}" + (f"/{sub}" if sub else "")
-    staging = (
-        None if local_dir is None else Path(local_dir).parent / f".{Path(local_dir).name}.pull-{uuid.uuid4().hex[:8]}"
+    with os.fdopen(fd, "rb") as f:
+        raw = f.read(MAX_MANIFEST_BYTES + 1)
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise ManifestError(
+            f"file is larger than the limit of {MAX_MANIFEST_BYTES} bytes",
+            location=_at(where, MANIFEST_NAME),
+            code="manifest.json_invalid",
+        )
+    return raw
+
+
+def _check_in_place(folder: int, name: str, size: int, where: str) -> None:
+    """A listed file opened in place: a regular file (not a link) of the declared size, else refused."""
+    try:
+        info = os.stat(name, dir_fd=folder, follow_symlinks=False)
+    except FileNotFoundError:
+        return  # verification names it
+    if not stat.S_ISREG(info.st_mode):
+        raise HubError(f"is {_kind(info.st_mode)}; a pull reads regular files only", location=_at(where, name))
+    if info.st_size != size:
+        raise ChecksumError(
+            f"is {info.st_size} bytes, the manifest says {size}", location=_at(where, name), code="file.size"
+        )
+
+
+def _copy_local(folder: int, raw: bytes, listed: dict[str, int], staging: Path, where: str) -> None:
+    """Copy the manifest (the bytes already read), the listed files and a small regular card."""
+    _write(staging / MANIFEST_NAME, raw)
+    for name, size in listed.items():
+        fd = _open_file(folder, name, where)
+        if fd is not None:  # a missing file: verification names it
+            _copy_exact(fd, size, staging / name, _at(where, name))
+    card = _open_file(folder, CARD_NAME, where, strict=False)
+    if card is not None:
+        with os.fdopen(card, "rb") as f:
+            text = f.read(MAX_CARD_BYTES + 1)
+        if len(text) <= MAX_CARD_BYTES:
+            _write(staging / CARD_NAME, text)
+
+
+def _copy_exact(fd: int, size: int, dest: Path, location: str) -> None:
+    """Copy an open file in chunks, refusing it before reading a byte if its size is not ``size``."""
+    with os.fdopen(fd, "rb") as src:
+        real = os.fstat(src.fileno()).st_size
+        if real != size:
+            raise ChecksumError(f"is {real} bytes, the manifest says {size}", location=location, code="file.size")
+        with dest.open("xb") as out:
+            left = size + 1  # one byte more than declared: a file that grows meanwhile is caught
+            while block := src.read(min(_CHUNK, left)):
+                left -= len(block)
+                if left == 0:
+                    raise ChecksumError("grew while being copied", location=location, code="file.size")
+                out.write(block)
+            out.flush()
+            os.fsync(out.fileno())
+
+
+def _write(path: Path, data: bytes) -> None:
+    with path.open("xb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _staged(target: Path, where: str, fill: Callable[[Path], None]) -> Artifact:
+    """Fill a staging folder beside ``target``, verify it, then rename it into place; or leave nothing."""
+    created = _make_parents(target.parent)
+    staging = target.parent / f".{target.name}.pull-{uuid.uuid4().hex[:8]}"
+    try:
+        staging.mkdir()
+        fill(staging)
+        _open_verified(staging, where)
+        replace_folder(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        _remove_empty(created)
+        raise
+    return Artifact.open(target)
+
+
+def _make_parents(folder: Path) -> list[Path]:
+    """Create ``folder`` and its missing parents; returns those created, outermost first."""
+    missing = [p for p in (folder, *folder.parents) if not os.path.lexists(p)][::-1]
+    folder.mkdir(parents=True, exist_ok=True)
+    return missing
+
+
+def _remove_empty(created: list[Path]) -> None:
+    for folder in reversed(created):
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
+# --- the Hugging Face Hub or a compatible server ------------------------------------------------
+
+
+@contextmanager
+def _hub_errors(repo_id: str, revision: str | None, where: str) -> Iterator[None]:
+    """huggingface_hub's errors as one-line :class:`HubError` s."""
+    from huggingface_hub.errors import (
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+        RevisionResolutionError,
     )
+
     try:
-        sha = str(api.resolve_revision(repo_id, revision=revision, cache_dir=cache_dir).resolved)
-        snapshot = Path(
-            snapshot_download(
-                repo_id,
-                revision=sha,
-                allow_patterns=[f"{sub}/laplace*" if sub else "laplace*"],
-                cache_dir=cache_dir,
-                local_dir=staging,
-                token=token,
-                endpoint=endpoint,
-            )
-        )
+        yield
     except RepositoryNotFoundError as e:
         raise HubError(f"repo {repo_id} not found (or no access)") from e
     except RevisionNotFoundError as e:
@@ -141,31 +473,161 @@ def _pull_remote(
         ) from e
     except HfHubHTTPError as e:
         raise HubError(f"pull of {where} failed: {str(e).splitlines()[0]}") from e
-    folder = snapshot / sub if sub else snapshot
+
+
+def _pull_remote(
+    repo_id: str,
+    revision: str | None,
+    sub: str,
+    endpoint: str | None,
+    target: Path | None,
+    cache_dir: str | Path | None,
+    token: str | bool | None,
+) -> Artifact:
     try:
-        artifact = _open_verified(folder, where)
-        if local_dir is not None:
-            assert staging is not None
-            artifact = Artifact.open(_copy_into(folder, Path(local_dir)), verify_checksums=False)
-    except BaseException:
-        _discard(folder, snapshot if staging is not None else None)
-        raise
-    finally:
-        if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
+        from huggingface_hub import HfApi, snapshot_download
+    except ImportError as e:
+        raise MissingExtraError("huggingface-hub", "hf") from e
+    api = HfApi(endpoint=endpoint, token=token)
+    where = f"{repo_id}@{revision or 'main'}" + (f"/{sub}" if sub else "")
+    prefix = f"{sub}/" if sub else ""
+    with _hub_errors(repo_id, revision, where):
+        sha = str(api.resolve_revision(repo_id, revision=revision, cache_dir=cache_dir).resolved)
+    fetched = {prefix + MANIFEST_NAME}
+
+    def fetch(into: Path | None) -> Path:
+        """Download the manifest, check it, then exactly the files it lists; returns the artifact folder."""
+
+        def download(names: list[str]) -> Path:
+            fetched.update(prefix + name for name in names)
+            snapshot = snapshot_download(
+                repo_id,
+                revision=sha,
+                allow_patterns=[glob.escape(prefix + name) for name in names],
+                cache_dir=cache_dir,
+                local_dir=into,
+                token=token,
+                endpoint=endpoint,
+            )
+            return Path(snapshot) / sub if sub else Path(snapshot)
+
+        with _hub_errors(repo_id, revision, where):
+            listing = _remote_sizes(api, repo_id, sub, sha)
+            if listing is not None and MANIFEST_NAME not in listing:
+                raise HubError(
+                    f"no laplace-hub artifact at {where} (no {MANIFEST_NAME}); check the repo and --subfolder"
+                )
+            if listing is not None and listing[MANIFEST_NAME] > MAX_MANIFEST_BYTES:
+                raise ManifestError(
+                    f"file is larger than the limit of {MAX_MANIFEST_BYTES} bytes",
+                    location=_at(where, MANIFEST_NAME),
+                    code="manifest.json_invalid",
+                )
+            folder = download([MANIFEST_NAME])
+            path = folder / MANIFEST_NAME
+            if not path.is_file():
+                raise HubError(
+                    f"no laplace-hub artifact at {where} (no {MANIFEST_NAME}); check the repo and --subfolder"
+                )
+            if path.stat().st_size > MAX_MANIFEST_BYTES:
+                raise ManifestError(
+                    f"file is larger than the limit of {MAX_MANIFEST_BYTES} bytes",
+                    location=_at(where, MANIFEST_NAME),
+                    code="manifest.json_invalid",
+                )
+            raw = path.read_bytes()
+            listed = _listed_files(raw)
+            if not _within_budget(raw, where):
+                return folder
+            for name, size in listed.items():
+                listed_size = None if listing is None else listing.get(name)
+                if listed_size is not None and listed_size != size:
+                    raise ChecksumError(
+                        f"is {listed_size} bytes on the hub, the manifest says {size}; not downloaded",
+                        location=_at(where, name),
+                        code="file.size",
+                    )
+            wanted = [name for name in listed if listing is None or name in listing]  # absent: verification names it
+            if wanted:
+                download(wanted)
+        return folder
+
+    if target is not None:
+        artifact = _staged(target, where, lambda staging: _place_download(fetch(staging), staging))
+    else:
+        try:
+            artifact = _open_verified(fetch(None), where)
+        except BaseException:
+            _discard_cached(repo_id, sha, fetched, cache_dir)
+            raise
     artifact.origin = Origin(repo_id, sha, sub)
     return artifact
 
 
-def _discard(folder: Path, staging: Path | None) -> None:
-    """Remove a download that did not verify: its snapshot links and the blobs they point to."""
-    if staging is not None:
-        shutil.rmtree(staging, ignore_errors=True)
+def _place_download(folder: Path, staging: Path) -> None:
+    """Make ``staging`` hold just the downloaded artifact: its subfolder's files, no bookkeeping."""
+    shutil.rmtree(staging / ".cache", ignore_errors=True)  # huggingface_hub's local_dir metadata
+    if folder.resolve() == staging.resolve():
         return
-    if not folder.is_dir():
-        return
-    for link in folder.glob("laplace*"):
-        target = link.resolve()
-        link.unlink(missing_ok=True)
-        if target != link and target.is_file():
-            target.unlink(missing_ok=True)
+    holder = staging / f".files-{uuid.uuid4().hex[:8]}"  # inside staging: a failure cleans it up too
+    os.rename(folder, holder)
+    for entry in list(staging.iterdir()):  # what is left: the empty parents of the subfolder
+        if entry != holder:
+            shutil.rmtree(entry, ignore_errors=True)
+    for entry in list(holder.iterdir()):
+        os.rename(entry, staging / entry.name)
+    holder.rmdir()
+
+
+def _remote_sizes(api: Any, repo_id: str, sub: str, sha: str) -> dict[str, int] | None:
+    """Sizes of the files directly in the artifact's folder as the hub lists them; ``None`` if unknown.
+
+    An early check only, so that a forged size is refused before anything is downloaded; offline
+    or when the listing fails, the download and the verification decide.
+    """
+    from huggingface_hub import constants
+    from huggingface_hub.hf_api import RepoFile
+
+    if constants.HF_HUB_OFFLINE:
+        return None
+    try:
+        entries = list(api.list_repo_tree(repo_id, path_in_repo=sub or None, revision=sha))
+    except Exception:  # unreachable, a folder the hub cannot list, …: the download decides
+        return None
+    return {
+        e.path.rsplit("/", 1)[-1]: (e.lfs.size if e.lfs is not None else e.size)
+        for e in entries
+        if isinstance(e, RepoFile)
+    }
+
+
+def _discard_cached(repo_id: str, sha: str, paths: set[str], cache_dir: str | Path | None) -> None:
+    """Remove a pull that did not verify from the Hugging Face cache, through huggingface_hub's cache API.
+
+    The cache API knows which blobs other cached revisions share. When the revision holds only
+    this pull's files, the whole revision goes (``delete_revisions``); when it also holds other
+    files (a model repo whose weights are cached at the same commit), only this pull's entries
+    go, with their blobs unless another cached file uses them.
+    """
+    from huggingface_hub import scan_cache_dir
+    from huggingface_hub.errors import CacheNotFound
+
+    try:
+        info = scan_cache_dir(cache_dir)
+        for repo in info.repos:
+            if repo.repo_id != repo_id or repo.repo_type != "model":
+                continue
+            for rev in repo.revisions:
+                if rev.commit_hash != sha:
+                    continue
+                ours = {f for f in rev.files if f.file_path.relative_to(rev.snapshot_path).as_posix() in paths}
+                if ours == set(rev.files):
+                    info.delete_revisions(sha).execute()
+                    return
+                used = {f.blob_path for r in repo.revisions for f in r.files if f not in ours}
+                for f in ours:
+                    f.file_path.unlink(missing_ok=True)
+                    if f.blob_path not in used:
+                        f.blob_path.unlink(missing_ok=True)
+    except (CacheNotFound, OSError, ValueError):
+        pass  # the pull's own error is what the caller needs to see

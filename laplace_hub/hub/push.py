@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import uuid
 from dataclasses import dataclass
@@ -9,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from laplace_hub.artifact import Artifact
+from laplace_hub.artifact.store import replace_folder
 from laplace_hub.errors import HubError, MissingExtraError
 from laplace_hub.hub.card import build_card
 from laplace_hub.hub.locations import endpoint_of, local_root, repo_path
@@ -117,14 +119,11 @@ def _push_local(
         for name in _artifact_files(artifact):
             shutil.copy2(folder / name, staging / name)
         (staging / CARD_NAME).write_text(card)
-        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-        if target.exists():
-            target.rename(old)
-        staging.rename(target)
-        shutil.rmtree(old, ignore_errors=True)
+        # the content id a pull from this hub reports as its revision (see pull)
+        sha = hashlib.sha256((staging / MANIFEST_NAME).read_bytes()).hexdigest()
+        replace_folder(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    sha = artifact.manifest.files[next(iter(artifact.manifest.files))].sha256
     return PushResult(commit_url=target.resolve().as_uri(), commit_sha=sha)
 
 

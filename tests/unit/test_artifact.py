@@ -136,8 +136,8 @@ def test_copy_of_a_vector_is_still_valid(tmp_path: Path) -> None:
     assert Artifact.open(tmp_path / "a", verify_checksums=True).manifest.modules
 
 
-def test_an_error_with_more_findings_says_how_to_see_them_without_a_stale_path() -> None:
+def test_a_reader_error_says_how_to_see_every_finding_without_a_stale_path() -> None:
     folder = CONFORMANCE_1_1 / "invalid" / "lineage-incomplete"
-    with pytest.raises(LaplaceHubError, match="and 1 more: `laplace-hub validate` lists all") as info:
+    with pytest.raises(LaplaceHubError, match="`laplace-hub validate` lists every finding") as info:
         Artifact.open(folder)
     assert str(folder) not in str(info.value)

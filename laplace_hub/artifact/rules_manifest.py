@@ -1,4 +1,4 @@
-"""Checks of the manifest alone: parsing, version, and the rules the models cannot express."""
+"""Rules of the manifest alone: parsing, version, and the cross-field rules the models cannot express."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from laplace_hub.artifact.findings import Sink
 from laplace_hub.errors import LaplaceHubError
 from laplace_hub.manifest import (
     INTRODUCED_IN,
@@ -20,20 +21,17 @@ from laplace_hub.manifest import (
     parse_version,
     unknown_fields,
 )
-from laplace_hub.validate.findings import Report
 
 
-def parse_into(report: Report, raw: Any) -> Manifest | None:
+def parse_into(report: Sink, raw: Any) -> Manifest | None:
     """Parse ``raw`` as a manifest, recording every problem; ``None`` when it cannot be used."""
     if not isinstance(raw, dict):
         report.add("manifest.json_invalid", "laplace.json", "the manifest must be a JSON object")
         return None
-    version = raw.get("spec_version")
-    report.manifest_version = version if isinstance(version, str) else None
     try:
         found = check_version(raw)
     except LaplaceHubError as e:
-        report.add_error(e, "laplace.json")
+        report.error(e, "laplace.json")
         return None
     try:
         manifest = Manifest.model_validate(raw)
@@ -51,7 +49,7 @@ def parse_into(report: Report, raw: Any) -> Manifest | None:
     return manifest
 
 
-def check_semantics(report: Report, manifest: Manifest) -> None:
+def check_semantics(report: Sink, manifest: Manifest) -> None:
     """Cross-field rules of SPEC.md §4–§6 and §10."""
     _check_features(report, manifest)
     _check_estimator(report, manifest)
@@ -61,7 +59,7 @@ def check_semantics(report: Report, manifest: Manifest) -> None:
         _check_module(report, manifest, name, module)
 
 
-def _check_features(report: Report, m: Manifest) -> None:
+def _check_features(report: Sink, m: Manifest) -> None:
     for feature in sorted(features(m)):
         if parse_version(m.spec_version) < parse_version(INTRODUCED_IN[feature]):
             report.add(
@@ -71,7 +69,7 @@ def _check_features(report: Report, m: Manifest) -> None:
             )
 
 
-def _check_lineage(report: Report, m: Manifest) -> None:
+def _check_lineage(report: Sink, m: Manifest) -> None:
     if m.lineage is None:
         return
     if m.datasets_combined != "separate":
@@ -87,7 +85,7 @@ def _check_lineage(report: Report, m: Manifest) -> None:
             report.add("manifest.lineage", "lineage", f"dataset {name!r} is named by {count} lineage entries")
 
 
-def _check_estimator(report: Report, m: Manifest) -> None:
+def _check_estimator(report: Sink, m: Manifest) -> None:
     est = m.estimator
     if (est.kind == "mc") != (est.mc_samples is not None):
         report.add("manifest.estimator", "estimator.mc_samples", "mc_samples is required for mc and only for mc")
@@ -98,7 +96,7 @@ def _check_estimator(report: Report, m: Manifest) -> None:
         report.add("manifest.kfac_approx", "kfac_approx", "reduce aggregates over a sequence; per_token needs expand")
 
 
-def _check_datasets(report: Report, m: Manifest) -> None:
+def _check_datasets(report: Sink, m: Manifest) -> None:
     for name, count in Counter(d.name for d in m.datasets).items():
         if count > 1:
             report.add("manifest.datasets", "datasets", f"dataset name {name!r} appears {count} times")
@@ -108,11 +106,11 @@ def _check_datasets(report: Report, m: Manifest) -> None:
             report.add("counts.inconsistent", where, f"{d.tokens} tokens < {d.sequences} sequences")
         if d.batches > d.sequences:
             report.add("counts.inconsistent", where, f"{d.batches} batches > {d.sequences} sequences")
-    if m.datasets_combined == "summed" and len(m.datasets) > 1 and any(d.weight != 1.0 for d in m.datasets):
-        report.add("manifest.datasets", "datasets", "weights apply to separate datasets, not summed ones")
+    if m.datasets_combined == "summed" and any(d.weight != 1.0 for d in m.datasets):
+        report.add("manifest.datasets", "datasets", "summed datasets have weight 1: weights apply to separate datasets")
 
 
-def _check_module(report: Report, m: Manifest, name: str, module: ModuleEntry) -> None:
+def _check_module(report: Sink, m: Manifest, name: str, module: ModuleEntry) -> None:
     where = f"modules.{name}"
     lora = isinstance(m.parameterization, LoraParameterization)
     names = {d.name for d in m.datasets}

@@ -1,0 +1,137 @@
+"""The rule runner: every rule of the spec, in one order, reporting to a sink.
+
+``open`` → :func:`read` (manifest bytes → bounded JSON → models → cross-field rules → file sizes
+and budget → checksums → index and headers → tensor shapes → values) → :class:`Reading` →
+:class:`DiskTensors` (each tensor's values checked on first load) → codec → block.
+:meth:`Artifact.open` runs it with :class:`FirstError`, :func:`laplace_hub.validate.validate`
+with a :class:`Report`: one rule set, two ways of reporting.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from torch import Tensor
+
+from laplace_hub.artifact.codec import decode_tridiag
+from laplace_hub.artifact.files import DEFAULT_MAX_BYTES, MAX_MANIFEST_BYTES, read_json_bounded, regular_size
+from laplace_hub.artifact.findings import Sink
+from laplace_hub.artifact.rules_files import Layout, check_files, check_tensors, read_layout
+from laplace_hub.artifact.rules_manifest import check_semantics, parse_into
+from laplace_hub.artifact.values import check_cross, check_tail, check_tensor
+from laplace_hub.errors import ArtifactError, LaplaceHubError
+from laplace_hub.manifest import (
+    MANIFEST_NAME,
+    KronEigBlockEntry,
+    KronTridiagBlockEntry,
+    LoraParameterization,
+    Manifest,
+    TensorSpec,
+    expected_tensors,
+)
+
+
+@dataclass
+class Reading:
+    """What the rules parsed on the way: enough to read tensors without parsing anything again."""
+
+    folder: Path
+    manifest: Manifest
+    expected: dict[str, TensorSpec]
+    layout: Layout = field(default_factory=Layout)
+
+
+def read(
+    folder: Path, sink: Sink, *, checksums: bool, values: bool, max_bytes: int = DEFAULT_MAX_BYTES
+) -> Reading | None:
+    """Run the rules on an artifact folder; ``None`` when no manifest could be parsed."""
+    try:
+        manifest_size = regular_size(folder / MANIFEST_NAME) if folder.is_dir() else None
+    except LaplaceHubError as e:
+        sink.error(e, MANIFEST_NAME)
+        return None
+    if not folder.is_dir():
+        what = "does not exist" if not folder.exists() else "is a file, not an artifact folder"
+        sink.add("artifact.not_found", str(folder), f"{what}; an artifact is a folder holding {MANIFEST_NAME}")
+        return None
+    if manifest_size is None:
+        sink.add("manifest.missing", MANIFEST_NAME, "no manifest: this folder is not a laplace-hub artifact")
+        return None
+    try:
+        raw = read_json_bounded(folder / MANIFEST_NAME, MAX_MANIFEST_BYTES, code="manifest.json_invalid")
+    except LaplaceHubError as e:
+        sink.error(e, MANIFEST_NAME)
+        return None
+    manifest = parse_into(sink, raw)
+    if manifest is None:
+        return None
+    check_semantics(sink, manifest)
+    try:
+        expected = expected_tensors(manifest)
+    except LaplaceHubError as e:
+        sink.add("manifest.tensor_conflict", e.location or "modules", e.message)
+        return None
+    reading = Reading(folder, manifest, expected)
+    reading.layout = check_files(sink, folder, manifest, checksums, max_bytes)
+    read_layout(sink, folder, manifest, reading.layout)
+    check_tensors(sink, reading.layout, expected)
+    if values:
+        tensors = DiskTensors(reading, sink)
+        for key in expected:
+            if key in reading.layout.files and not {key, reading.layout.files[key]} & reading.layout.broken:
+                tensors(key)
+        check_blocks(sink, reading, tensors)
+    return reading
+
+
+class DiskTensors:
+    """Tensors read on demand from the artifact's files, each checked against the value rules once."""
+
+    def __init__(self, reading: Reading, sink: Sink) -> None:
+        self.reading = reading
+        self.sink = sink
+        self._handles: dict[str, Any] = {}
+        self._checked: set[str] = set()
+
+    def __call__(self, key: str) -> Tensor:
+        name = self.reading.layout.files[key]
+        try:
+            if name not in self._handles:
+                self._handles[name] = safe_open(str(self.reading.folder / name), framework="pt")
+            tensor: Tensor = self._handles[name].get_tensor(key)
+        except LaplaceHubError:
+            raise
+        except Exception as e:  # safetensors' own errors, OSError: the file changed or broke under us
+            raise ArtifactError(f"cannot read tensor {key!r}: {e}", location=name, code="file.bad_safetensors") from e
+        if key not in self._checked:
+            self._checked.add(key)
+            check_tensor(self.sink, key, tensor, self.reading.expected[key])
+        return tensor
+
+
+def check_blocks(sink: Sink, reading: Reading, get: DiskTensors) -> None:
+    """The rules across a block's tensors: eigenvalues against their tail, kron_tridiag as a whole."""
+    manifest = reading.manifest
+    lora = manifest.parameterization
+    unreadable = {spec.where for key, spec in reading.expected.items() if key not in reading.layout.files}
+    unreadable |= {
+        spec.where
+        for key, spec in reading.expected.items()
+        if {key, reading.layout.files.get(key, "")} & reading.layout.broken
+    }
+    for name, module in manifest.modules.items():
+        for index, entry in enumerate(module.blocks):
+            where = f"modules.{name}.blocks.{index}"
+            if where in unreadable:
+                continue
+            if isinstance(entry, KronEigBlockEntry):
+                for side, ref in (("input", entry.input), ("output", entry.output)):
+                    check_tail(sink, f"{where}.{side}", get(ref.eigenvalues), ref.tail, manifest.dtype)
+            elif isinstance(entry, KronTridiagBlockEntry) and isinstance(lora, LoraParameterization):
+                getter = lambda key: get(key).to(torch.float64)  # noqa: E731
+                shape = (module.shape[0], module.shape[1])
+                check_cross(sink, where, decode_tridiag(entry, shape, lora.rank, getter, manifest.dtype)[1])

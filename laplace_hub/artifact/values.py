@@ -1,0 +1,152 @@
+"""Rules of tensor values (SPEC.md §8.3): why an accepted artifact's penalty is finite and never negative.
+
+* every stored value is finite and at most ``MAX_VALUE`` in magnitude (with dataset weights at most
+  ``2**16``, a Kronecker penalty of a unit-sized update cannot overflow float32);
+* diagonals and eigenvalues are ``≥ 0``; eigenvalues are non-increasing and ``≥ tail`` (up to the
+  stored dtype's rounding, which readers clip), so ``V diag(λ − t) Vᵀ + t·I`` is PSD for any ``V``;
+  eigenvectors are orthonormal up to the stored dtype's rounding;
+* a dense factor ``F`` is symmetric, and PSD with margin: ``F + (τ/2)·‖F‖_F·I`` has a Cholesky
+  factor, ``τ`` being the stored dtype's tolerance. Readers decode ``F + τ·‖F‖_F·I``, which is
+  then positive definite: the tolerance can never make ``P`` indefinite. Writers repair their own
+  rounding before storing (:func:`psd_for_storage`), so they never write what readers refuse;
+* a ``kron_tridiag`` block is PSD as a whole: with its (ridged) diagonal blocks ``Gₐ⊗Xₐ`` and
+  ``G_b⊗X_b`` positive definite, that holds iff ``‖Gₐ^{-½} R G_b^{-½}‖·‖Xₐ^{-½} L X_b^{-½}‖ ≤ 1``
+  (a Schur complement on Kronecker factors: no matrix larger than one factor is formed). Readers
+  scale the cross block down to that bound when rounding puts it a hair above.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from laplace_hub.artifact.findings import Sink
+from laplace_hub.curvature import unpack_symmetric
+from laplace_hub.manifest import TensorSpec
+
+MAX_VALUE = 2.0**40
+# τ by stored dtype: twice the unit roundoff at least, so that rounding a PSD matrix stays within it.
+TOLERANCE = {"float64": 1e-10, "float32": 1e-6, "float16": 2e-3, "bfloat16": 1.6e-2}
+ORTHONORMAL_TOLERANCE = {"float64": 1e-8, "float32": 1e-4, "float16": 1e-2, "bfloat16": 5e-2}
+CROSS_TOLERANCE = 1e-3
+_CHUNK = 2**22
+
+
+def check_tensor(sink: Sink, key: str, tensor: Tensor, spec: TensorSpec) -> None:
+    """The rules of one stored tensor, read in chunks (no float64 copy of a whole diagonal or basis)."""
+    flat = tensor.reshape(-1)
+    for start in range(0, flat.numel(), _CHUNK):
+        chunk = flat[start : start + _CHUNK].to(torch.float64)
+        if not torch.isfinite(chunk).all():
+            sink.add("value.non_finite", key, "holds NaN or infinite values")
+            return
+        if chunk.numel() and chunk.abs().max().item() > MAX_VALUE:
+            sink.add("value.range", key, f"holds {chunk.abs().max().item():.3g}, above the limit of 2^40 in magnitude")
+            return
+        if spec.role in ("diagonal", "eigenvalues") and (chunk < 0).any():
+            sink.add("value.negative", key, f"{spec.role} has negative entries (min {chunk.min().item():.3g})")
+            return
+    if spec.role == "eigenvalues" and (tensor[1:].double() > tensor[:-1].double()).any():
+        sink.add("value.eigen_order", key, "eigenvalues must be non-increasing (the top-k eigenpairs, largest first)")
+    elif spec.role == "eigenvectors":
+        v = tensor.to(torch.float64)
+        error = (v.T @ v - torch.eye(v.shape[1], dtype=torch.float64)).abs().max().item()
+        if error > ORTHONORMAL_TOLERANCE[spec.dtype]:
+            sink.add(
+                "value.not_orthonormal",
+                key,
+                f"max |VᵀV − I| = {error:.3g} exceeds {ORTHONORMAL_TOLERANCE[spec.dtype]:g}",
+            )
+    elif spec.role == "factor":
+        _check_factor(sink, key, tensor, spec)
+
+
+def _check_factor(sink: Sink, key: str, tensor: Tensor, spec: TensorSpec) -> None:
+    matrix = _matrix(tensor.to(torch.float64))
+    tol = TOLERANCE[spec.dtype]
+    scale = matrix.abs().max().item()
+    asym = (matrix - matrix.T).abs().max().item()
+    if asym > tol * scale:
+        sink.add("value.not_symmetric", key, f"max |F − Fᵀ| = {asym:.3g} exceeds {tol:g} × max|F|")
+    elif not psd_with_margin(matrix, tol / 2):
+        sink.add("value.not_psd", key, f"indefinite: F + {tol / 2:g}·‖F‖_F·I has no Cholesky factor ({spec.dtype})")
+
+
+def _matrix(tensor: Tensor) -> Tensor:
+    if tensor.dim() == 2:
+        return tensor
+    n = int((math.isqrt(8 * tensor.shape[0] + 1) - 1) // 2)
+    return unpack_symmetric(tensor, n)
+
+
+def psd_with_margin(matrix: Tensor, margin: float) -> bool:
+    """True when the symmetric part of ``matrix`` plus ``margin·‖·‖_F·I`` is positive definite (float64)."""
+    sym = (matrix.double() + matrix.double().T) / 2
+    ridge = margin * torch.linalg.matrix_norm(sym).item()
+    if ridge == 0.0:
+        return True  # the zero matrix
+    _, info = torch.linalg.cholesky_ex(sym + ridge * torch.eye(sym.shape[0], dtype=torch.float64))
+    return int(info) == 0
+
+
+def ridged(matrix: Tensor, dtype: str) -> Tensor:
+    """What readers use for a stored dense factor: ``F + τ·‖F‖_F·I``, positive definite once accepted."""
+    ridge = TOLERANCE[dtype] * torch.linalg.matrix_norm(matrix.to(torch.float64)).item()
+    out = matrix.clone()
+    out.diagonal().add_(ridge)
+    return out
+
+
+def psd_for_storage(matrix: Tensor, dtype: torch.dtype, name: str) -> Tensor:
+    """``matrix`` cast to ``dtype``, shifted by the least multiple of ``I`` that keeps it within the PSD rule.
+
+    Rounding (or float32 accumulation) can leave a PSD factor a hair indefinite; the writer mends
+    that, so that every factor it stores passes :func:`check_tensor`.
+    """
+    stored = matrix.to(dtype)
+    margin = TOLERANCE[name] / 2
+    for _ in range(4):
+        if psd_with_margin(stored, margin):
+            return stored
+        sym = (stored.double() + stored.double().T) / 2
+        shift = -torch.linalg.eigvalsh(sym)[0].item() + 2 * margin * torch.linalg.matrix_norm(sym).item()
+        stored = (sym + shift * torch.eye(sym.shape[0], dtype=torch.float64)).to(dtype)
+    return stored
+
+
+def check_tail(sink: Sink, where: str, eigenvalues: Tensor, tail: float, dtype: str) -> None:
+    """Kept eigenvalues are at least the tail (the mean of the dropped ones), up to rounding."""
+    smallest = eigenvalues.double().min().item()
+    if smallest < tail * (1 - TOLERANCE[dtype]):
+        sink.add("value.eigen_order", where, f"eigenvalue {smallest:.6g} is below the tail {tail:.6g}")
+
+
+def check_cross(sink: Sink, where: str, norm: float) -> None:
+    """A kron_tridiag block is PSD iff its cross norm is at most 1 (rounding above it is clipped)."""
+    if norm > 1 + CROSS_TOLERANCE:
+        sink.add(
+            "value.not_psd",
+            where,
+            f"the cross block is {norm:.4g}× what the diagonal blocks allow: the LoRA pair's precision is indefinite",
+        )
+
+
+def cross_norm(
+    a_input: Tensor, a_output: Tensor, b_input: Tensor, b_output: Tensor, cross_input: Tensor, cross_output: Tensor
+) -> float:
+    """``‖Gₐ^{-½} R G_b^{-½}‖·‖Xₐ^{-½} L X_b^{-½}‖`` for ridged factors: the block is PSD iff it is ``≤ 1``."""
+
+    def whitened(left: Tensor, middle: Tensor, right: Tensor) -> float:
+        if not middle.any():
+            return 0.0
+        low_l, info_l = torch.linalg.cholesky_ex(left.double())
+        low_r, info_r = torch.linalg.cholesky_ex(right.double())
+        if int(info_l) or int(info_r):
+            return math.inf
+        m = torch.linalg.solve_triangular(low_l, middle.double(), upper=False)
+        m = torch.linalg.solve_triangular(low_r, m.T, upper=False).T
+        return float(torch.linalg.matrix_norm(m, ord=2))
+
+    return whitened(a_output, cross_output, b_output) * whitened(a_input, cross_input, b_input)

@@ -1,0 +1,1 @@
+"""Fuzzing of the artifact reader and validator: a mutation engine, an oracle and a hypothesis test."""
