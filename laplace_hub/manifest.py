@@ -19,15 +19,18 @@ from pydantic import ValidationError as _PydanticValidationError
 from laplace_hub.errors import ManifestError, UnsupportedVersionError
 
 FORMAT_NAME: Literal["laplace-hub"] = "laplace-hub"
-SPEC_VERSION = "1.1"
+SPEC_VERSION = "1.2"
 MANIFEST_NAME = "laplace.json"
 SINGLE_FILE_NAME = "laplace.safetensors"
 INDEX_NAME = "laplace.safetensors.index.json"
 CARD_NAME = "README.md"
 
 DType = Literal["float32", "float16", "bfloat16", "float64"]
-TensorKey = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.\-/]{0,511}$")]
-DatasetName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_\-]{0,63}$")]
+MAX_KEY_LENGTH = 512
+MAX_DATASET_WEIGHT = 2.0**16  # with stored values ≤ 2^40, a Kronecker penalty stays within float32 (SPEC.md §8.3)
+MAX_DATASET_NAME_LENGTH = 64
+TensorKey = Annotated[str, StringConstraints(pattern=rf"^[A-Za-z0-9_][A-Za-z0-9_.\-/]{{0,{MAX_KEY_LENGTH - 1}}}$")]
+DatasetName = Annotated[str, StringConstraints(pattern=rf"^[A-Za-z0-9_][A-Za-z0-9_\-]{{0,{MAX_DATASET_NAME_LENGTH - 1}}}$")]
 Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 Param = Literal["weight", "lora_A", "lora_B", "lora_AB"]
 
@@ -161,7 +164,7 @@ class DatasetInfo(_Model):
     sequences: PositiveInt
     tokens: PositiveInt
     batches: PositiveInt
-    weight: float = Field(default=1.0, ge=0, allow_inf_nan=False)
+    weight: float = Field(default=1.0, ge=0, le=MAX_DATASET_WEIGHT, allow_inf_nan=False)
     source: str | None = Field(default=None, max_length=1024)
     description: str | None = Field(default=None, max_length=4096)
 
@@ -257,6 +260,7 @@ class TensorSpec:
     dtype: str
     role: Literal["diagonal", "lowrank", "factor", "eigenvalues", "eigenvectors", "cross", "init"]
     where: str
+    module: str
 
 
 def parse_version(version: str) -> tuple[int, int]:
@@ -362,10 +366,10 @@ def _factor_shape(ref: FactorRef, n: int) -> tuple[int, ...]:
 
 
 def _block_tensors(
-    block: BlockEntry, shape: list[int], rank: int | None, dtype: str, where: str
+    block: BlockEntry, shape: list[int], rank: int | None, dtype: str, where: str, module: str
 ) -> Iterator[tuple[str, TensorSpec]]:
     def spec(shape: tuple[int, ...], role: Any) -> TensorSpec:
-        return TensorSpec(shape, dtype, role, where)
+        return TensorSpec(shape, dtype, role, where, module)
 
     if isinstance(block, KronTridiagBlockEntry):
         if rank is None:
@@ -424,13 +428,13 @@ def expected_tensors(manifest: Manifest) -> dict[str, TensorSpec]:
     for name, module in manifest.modules.items():
         for index, block in enumerate(module.blocks):
             where = f"modules.{name}.blocks.{index}"
-            for key, spec in _block_tensors(block, module.shape, rank, manifest.dtype, where):
+            for key, spec in _block_tensors(block, module.shape, rank, manifest.dtype, where, name):
                 add(key, spec)
         if module.lora_init is not None and isinstance(lora, LoraParameterization):
             d_out, d_in = module.shape
             where = f"modules.{name}.lora_init"
-            add(module.lora_init.lora_A, TensorSpec((lora.rank, d_in), lora.init_dtype, "init", where))
-            add(module.lora_init.lora_B, TensorSpec((d_out, lora.rank), lora.init_dtype, "init", where))
+            add(module.lora_init.lora_A, TensorSpec((lora.rank, d_in), lora.init_dtype, "init", where, name))
+            add(module.lora_init.lora_B, TensorSpec((d_out, lora.rank), lora.init_dtype, "init", where, name))
     return found
 
 

@@ -184,12 +184,16 @@ class Artifact:
         """Every referenced tensor, loaded (for saving a copy)."""
         return {key: self._tensors(key) for key in expected_tensors(self.manifest)}
 
-    def nbytes(self, module: str | None = None) -> int:
-        """Bytes stored for one module's tensors, or for all (shared tensors counted once)."""
-        specs = expected_tensors(self.manifest)
-        if module is not None:
-            specs = {k: s for k, s in specs.items() if s.where.startswith(f"modules.{module}.")}
-        return sum(tensor_dtype(s.dtype).itemsize * math.prod(s.shape) for s in specs.values())
+    def nbytes(self) -> int:
+        """Bytes stored for all tensors (shared tensors counted once)."""
+        return sum(self.nbytes_by_module().values())
+
+    def nbytes_by_module(self) -> dict[str, int]:
+        """Bytes stored per module; a shared tensor counts for the first module that references it."""
+        sizes = dict.fromkeys(self.manifest.modules, 0)
+        for spec in expected_tensors(self.manifest).values():
+            sizes[spec.module] += tensor_dtype(spec.dtype).itemsize * math.prod(spec.shape)
+        return sizes
 
     def save(
         self, path: str | Path, *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False

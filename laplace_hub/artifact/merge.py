@@ -32,6 +32,8 @@ from laplace_hub.manifest import (
     DatasetInfo,
     DType,
     LineageEntry,
+    MAX_DATASET_NAME_LENGTH,
+    MAX_KEY_LENGTH,
     LoraParameterization,
     Manifest,
     ModuleEntry,
@@ -105,7 +107,7 @@ def _rekey(entry: BlockEntry, dataset: str, rename: dict[str, str], prefix: str,
         out = {}
         for field, value in node.items():
             if field in KEY_FIELDS and isinstance(value, str):
-                value = rename.setdefault(value, prefix + (re.sub(r"^[0-9]+/", "", value) if merged else value))
+                value = rename.setdefault(value, _fit(prefix + (re.sub(r"^[0-9]+/", "", value) if merged else value)))
             out[field] = walk(value)
         return out
 
@@ -114,10 +116,19 @@ def _rekey(entry: BlockEntry, dataset: str, rename: dict[str, str], prefix: str,
     return type(entry).model_validate(data)
 
 
+def _fit(key: str) -> str:
+    """A tensor key within the spec's 512 characters: a long one keeps its head and a digest of the rest."""
+    if len(key) <= MAX_KEY_LENGTH:
+        return key
+    return f"{key[: MAX_KEY_LENGTH - 17]}.{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
 def _unique(name: str, taken: set[str]) -> str:
+    """``name``, or ``name-2``, ``name-3`` … shortened to stay within the spec's 64 characters."""
     candidate, n = name, 2
     while candidate in taken:
-        candidate, n = f"{name}-{n}", n + 1
+        suffix = f"-{n}"
+        candidate, n = name[: MAX_DATASET_NAME_LENGTH - len(suffix)] + suffix, n + 1
     taken.add(candidate)
     return candidate
 

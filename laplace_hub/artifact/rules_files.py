@@ -118,9 +118,11 @@ def read_layout(sink: Sink, folder: Path, manifest: Manifest, layout: Layout) ->
         try:
             check_file_name(shard, location=f"{INDEX_NAME}:{key}")
         except LaplaceHubError as e:
+            layout.broken.add(key)
             sink.error(e, INDEX_NAME)
             continue
         if shard not in names or shard == INDEX_NAME:
+            layout.broken.add(key)
             sink.add(
                 "index.missing_shard", f"{INDEX_NAME}:{key}", f"points to {shard}, not a tensor file listed in files"
             )

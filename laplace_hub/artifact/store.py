@@ -103,9 +103,22 @@ def write_artifact(
     return written
 
 
+def _unshared(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Copies of tensors that share memory with an earlier one (safetensors refuses shared storage)."""
+    seen: set[int] = set()
+    out = {}
+    for key in sorted(tensors):
+        tensor = tensors[key]
+        pointer = tensor.untyped_storage().data_ptr() if tensor.numel() else -1
+        out[key] = tensor.clone() if pointer in seen else tensor
+        seen.add(pointer)
+    return out
+
+
 def _write_tensors(
     tensors: dict[str, Tensor], folder: Path, max_shard_bytes: int, metadata: dict[str, str]
 ) -> list[str]:
+    tensors = _unshared(tensors)
     shards = plan_shards(tensors, max_shard_bytes)
     if len(shards) == 1:
         save_file({k: tensors[k] for k in shards[0]}, folder / SINGLE_FILE_NAME, metadata=metadata)

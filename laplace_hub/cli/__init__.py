@@ -7,6 +7,7 @@ Known errors become one line on stderr and exit 1; usage errors exit 2. Set
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import sys
 from collections.abc import Sequence
@@ -44,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script; returns the exit status."""
     args = build_parser().parse_args(argv)
+    for stream in (sys.stdout, sys.stderr):  # names from hostile files must not end a report midway
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="backslashreplace")
     try:
         return int(args.run(args))
     except LaplaceHubError as e:

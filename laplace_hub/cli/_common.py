@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from typing import Any
+
+from laplace_hub.artifact.files import DEFAULT_MAX_BYTES
 
 
 def add_command(sub: Any, name: str, summary: str, examples: str) -> argparse.ArgumentParser:
@@ -23,6 +26,28 @@ def print_json(data: Any) -> None:
     """Machine-readable output on stdout."""
     json.dump(data, sys.stdout, indent=2)
     sys.stdout.write("\n")
+
+
+_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def byte_size(text: str) -> int:
+    """``64G`` → bytes (binary units K, M, G, T; an optional trailing ``B`` or ``iB``), for ``--max-bytes``."""
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGT]?)(?:i?B)?\s*", text, flags=re.IGNORECASE)
+    if match is None:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r}; e.g. 500M, 64G, 2T")
+    return int(float(match[1]) * _UNITS[match[2].upper()])
+
+
+def add_max_bytes(parser: argparse.ArgumentParser) -> None:
+    """The reader's byte budget as a flag (an artifact declaring more is refused before any hashing)."""
+    parser.add_argument(
+        "--max-bytes",
+        type=byte_size,
+        default=DEFAULT_MAX_BYTES,
+        metavar="SIZE",
+        help=f"refuse artifacts declaring more bytes than this (default {human_bytes(DEFAULT_MAX_BYTES)})",
+    )
 
 
 def human_bytes(n: int) -> str:

@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from laplace_hub.artifact import Artifact
-from laplace_hub.cli._common import add_command, human_bytes, print_json
+from laplace_hub.cli._common import add_command, add_max_bytes, human_bytes, print_json
 
 
 def register(sub: Any) -> None:
@@ -19,12 +19,14 @@ def register(sub: Any) -> None:
     )
     parser.add_argument("path", help="the artifact folder")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    add_max_bytes(parser)
     parser.set_defaults(run=run)
 
 
 def summarize(artifact: Artifact) -> dict[str, Any]:
     """The facts ``inspect`` shows, as JSON data."""
     m = artifact.manifest
+    sizes = artifact.nbytes_by_module()
     return {
         "spec_version": m.spec_version,
         "base_model": m.base_model.model_dump(mode="json"),
@@ -39,11 +41,11 @@ def summarize(artifact: Artifact) -> dict[str, Any]:
             name: {
                 "shape": module.shape,
                 "structures": sorted({f"{b.param}:{b.structure}" for b in module.blocks}),
-                "bytes": artifact.nbytes(name),
+                "bytes": sizes[name],
             }
             for name, module in m.modules.items()
         },
-        "total_bytes": artifact.nbytes(),
+        "total_bytes": sum(sizes.values()),
         "files": {name: entry.size for name, entry in m.files.items()},
         "software": m.software,
         "license": m.license,
@@ -53,7 +55,7 @@ def summarize(artifact: Artifact) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     """Print the summary."""
-    summary = summarize(Artifact.open(args.path))
+    summary = summarize(Artifact.open(args.path, max_bytes=args.max_bytes))
     if args.json:
         print_json(summary)
         return 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from laplace_hub.cli._common import add_command, print_json
+from laplace_hub.cli._common import add_command, add_max_bytes, print_json
 from laplace_hub.validate import validate
 
 
@@ -26,6 +26,7 @@ def register(sub: Any) -> None:
     parser.add_argument("--no-values", action="store_true", help="skip loading tensors to check their values")
     parser.add_argument("--model", help="a base model folder (or Hub id) whose linear shapes must match")
     parser.add_argument("--gguf-file", help="GGUF file name inside --model")
+    add_max_bytes(parser)
     parser.set_defaults(run=run)
 
 
@@ -36,7 +37,13 @@ def run(args: argparse.Namespace) -> int:
         from laplace_hub.models import linear_shapes
 
         shapes = linear_shapes(args.model, gguf_file=args.gguf_file)
-    report = validate(args.path, checksums=not args.no_checksums, values=not args.no_values, model_shapes=shapes)
+    report = validate(
+        args.path,
+        checksums=not args.no_checksums,
+        values=not args.no_values,
+        model_shapes=shapes,
+        max_bytes=args.max_bytes,
+    )
     if args.json:
         print_json(report.to_json())
     else:
