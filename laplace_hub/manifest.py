@@ -30,7 +30,9 @@ MAX_KEY_LENGTH = 512
 MAX_DATASET_WEIGHT = 2.0**16  # with stored values ≤ 2^40, a Kronecker penalty stays within float32 (SPEC.md §8.3)
 MAX_DATASET_NAME_LENGTH = 64
 TensorKey = Annotated[str, StringConstraints(pattern=rf"^[A-Za-z0-9_][A-Za-z0-9_.\-/]{{0,{MAX_KEY_LENGTH - 1}}}$")]
-DatasetName = Annotated[str, StringConstraints(pattern=rf"^[A-Za-z0-9_][A-Za-z0-9_\-]{{0,{MAX_DATASET_NAME_LENGTH - 1}}}$")]
+DatasetName = Annotated[
+    str, StringConstraints(pattern=rf"^[A-Za-z0-9_][A-Za-z0-9_\-]{{0,{MAX_DATASET_NAME_LENGTH - 1}}}$")
+]
 Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 Param = Literal["weight", "lora_A", "lora_B", "lora_AB"]
 
@@ -321,6 +323,12 @@ def unknown_fields(model: BaseModel, path: str = "") -> Iterator[str]:
                 yield from unknown_fields(child, f"{path}{suffix}.")
 
 
+def first_problem(error: _PydanticValidationError) -> tuple[str, str]:
+    """Where (a dotted path) and what the first problem of a pydantic validation error is."""
+    first = error.errors()[0]
+    return ".".join(str(part) for part in first["loc"]), first["msg"]
+
+
 def parse_manifest(raw: dict[str, Any]) -> Manifest:
     """Parse a manifest dict as a reader: any minor of our major, unknown fields kept with a warning.
 
@@ -333,9 +341,8 @@ def parse_manifest(raw: dict[str, Any]) -> Manifest:
     try:
         manifest = Manifest.model_validate(raw)
     except _PydanticValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(str(part) for part in first["loc"])
-        raise ManifestError(f"{first['msg']} ({e.error_count()} problem(s) in all)", location=where) from e
+        where, message = first_problem(e)
+        raise ManifestError(f"{message} ({e.error_count()} problem(s) in all)", location=where) from e
     extra = list(unknown_fields(manifest))
     if extra:
         if found <= parse_version(SPEC_VERSION):

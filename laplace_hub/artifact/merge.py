@@ -18,25 +18,29 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic import ValidationError
 from torch import Tensor
 
 from laplace_hub.artifact.artifact import Artifact
 from laplace_hub.artifact.builder import software_versions
 from laplace_hub.artifact.store import tensor_dtype
+from laplace_hub.artifact.values import widened_factor
 from laplace_hub.errors import ArtifactError
 from laplace_hub.manifest import (
     FORMAT_NAME,
     INTRODUCED_IN,
     MANIFEST_NAME,
+    MAX_DATASET_NAME_LENGTH,
+    MAX_KEY_LENGTH,
     BlockEntry,
     DatasetInfo,
     DType,
     LineageEntry,
-    MAX_DATASET_NAME_LENGTH,
-    MAX_KEY_LENGTH,
     LoraParameterization,
     Manifest,
     ModuleEntry,
+    expected_tensors,
+    first_problem,
     manifest_json,
 )
 
@@ -203,8 +207,12 @@ def merge(
             for block in entry.blocks:
                 if block.dataset in names:
                     blocks[module].append(_rekey(block, names[block.dataset], rename, f"{index}/", merged))
+        roles = {k: spec.role for k, spec in expected_tensors(part.artifact.manifest).items()}
         for old, key in rename.items():
-            tensors[key] = part.artifact.tensor(old).to(tensor_dtype(dtype))
+            stored = part.artifact.tensor(old)
+            if roles[old] == "factor" and part.artifact.manifest.dtype != dtype:
+                stored = widened_factor(stored, part.artifact.manifest.dtype)
+            tensors[key] = stored.to(tensor_dtype(dtype))
         datasets += [
             info.model_copy(update={"name": names[old], "weight": info.weight * scale})
             for old, info in zip(part.block_datasets, part.infos, strict=True)
@@ -213,22 +221,26 @@ def merge(
             part.lineage.model_copy(update={"datasets": list(names.values()), "decay": part.lineage.decay * scale})
         )
     m = new.manifest
-    manifest = Manifest(
-        format=FORMAT_NAME,
-        spec_version=INTRODUCED_IN["field lineage"],
-        base_model=m.base_model,
-        parameterization=m.parameterization,
-        estimator=m.estimator,
-        loss=m.loss,
-        normalization=m.normalization,
-        kfac_approx=m.kfac_approx or prior.manifest.kfac_approx,
-        datasets=datasets,
-        datasets_combined="separate",
-        dtype=dtype,
-        modules={name: ModuleEntry(shape=m.modules[name].shape, blocks=b) for name, b in blocks.items()},
-        files={},
-        software=software_versions(),
-        license=m.license if m.license == prior.manifest.license else None,
-        lineage=lineage,
-    )
+    try:
+        manifest = Manifest(
+            format=FORMAT_NAME,
+            spec_version=INTRODUCED_IN["field lineage"],
+            base_model=m.base_model,
+            parameterization=m.parameterization,
+            estimator=m.estimator,
+            loss=m.loss,
+            normalization=m.normalization,
+            kfac_approx=m.kfac_approx or prior.manifest.kfac_approx,
+            datasets=datasets,
+            datasets_combined="separate",
+            dtype=dtype,
+            modules={name: ModuleEntry(shape=m.modules[name].shape, blocks=b) for name, b in blocks.items()},
+            files={},
+            software=software_versions(),
+            license=m.license if m.license == prior.manifest.license else None,
+            lineage=lineage,
+        )
+    except ValidationError as e:  # e.g. more than 256 datasets after many merges
+        where, message = first_problem(e)
+        raise ArtifactError(f"the merged manifest would break the spec: {message}", location=where) from e
     return Artifact(manifest, tensors.__getitem__)

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from laplace_hub.artifact.findings import Sink
-from laplace_hub.curvature import unpack_symmetric
+from laplace_hub.curvature import pack_symmetric, unpack_symmetric
 from laplace_hub.manifest import TensorSpec
 
 MAX_VALUE = 2.0**40
@@ -97,6 +97,16 @@ def ridged(matrix: Tensor, dtype: str) -> Tensor:
     out = matrix.clone()
     out.diagonal().add_(ridge)
     return out
+
+
+def widened_factor(tensor: Tensor, dtype: str) -> Tensor:
+    """A stored factor (full or packed) with its reader's ridge baked in, for storing in a wider dtype.
+
+    A merge that widens a part's dtype keeps that part's penalty: the narrower dtype's larger ridge
+    becomes part of the values, and the wider dtype's own ridge is negligible beside it.
+    """
+    matrix = ridged(_matrix(tensor.to(torch.float64)), dtype)
+    return matrix if tensor.dim() == 2 else pack_symmetric(matrix)
 
 
 def psd_for_storage(matrix: Tensor, dtype: torch.dtype, name: str) -> Tensor:
