@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -26,6 +26,28 @@ from laplace_hub.manifest import (
     ModuleEntry,
     expected_tensors,
 )
+
+
+class HubLayer(Protocol):
+    """What the hub layer provides to :class:`Artifact`'s hub conveniences (it registers itself)."""
+
+    def pull(self, repo_id: str, **kwargs: Any) -> Artifact: ...
+
+    def push(self, folder: Path, repo_id: str, **kwargs: Any) -> Any: ...
+
+
+_HUB_LAYER: list[HubLayer] = []
+
+
+def connect_hub_layer(layer: HubLayer) -> None:
+    """Called by :mod:`laplace_hub.hub` on import, so that this layer never imports the one above it."""
+    _HUB_LAYER[:] = [layer]
+
+
+def _hub_layer() -> HubLayer:
+    if not _HUB_LAYER:  # importing any laplace_hub module imports the package, which imports the hub layer
+        raise ArtifactError("the hub layer is not loaded; import laplace_hub.hub")
+    return _HUB_LAYER[0]
 
 
 class Artifact:
@@ -56,17 +78,13 @@ class Artifact:
     @classmethod
     def from_pretrained(cls, repo_id: str, **kwargs: Any) -> Artifact:
         """Pull an artifact from a hub (``laplace_hub.hub.pull``; same keyword arguments)."""
-        from laplace_hub.hub import pull
-
-        return pull(repo_id, **kwargs)
+        return _hub_layer().pull(repo_id, **kwargs)
 
     def push_to_hub(self, repo_id: str, **kwargs: Any) -> Any:
         """Publish this artifact (saved on disk) as one commit (``laplace_hub.hub.push``)."""
-        from laplace_hub.hub import push
-
         if self.path is None:
             raise ArtifactError("save the artifact to a folder before pushing it")
-        return push(self.path, repo_id, **kwargs)
+        return _hub_layer().push(self.path, repo_id, **kwargs)
 
     @classmethod
     def open(
