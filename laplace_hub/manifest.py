@@ -358,13 +358,13 @@ def parse_manifest(raw: dict[str, Any]) -> Manifest:
     return manifest
 
 
-def _param_dims(param: Param, shape: list[int], rank: int | None) -> tuple[int, int]:
+def _param_dims(param: Param, shape: list[int], rank: int | None, where: str) -> tuple[int, int]:
     """(d_out, d_in) of the matrix a block covers."""
     d_out, d_in = shape
     if param == "weight":
         return d_out, d_in
     if rank is None:
-        raise ManifestError(f"param {param!r} needs the lora parameterization")
+        raise ManifestError(f"param {param!r} needs the lora parameterization", location=where, code="manifest.param")
     return (rank, d_in) if param == "lora_A" else (d_out, rank)
 
 
@@ -380,7 +380,7 @@ def _block_tensors(
 
     if isinstance(block, KronTridiagBlockEntry):
         if rank is None:
-            raise ManifestError("kron_tridiag needs the lora parameterization", location=where)
+            raise ManifestError("kron_tridiag needs the lora parameterization", location=where, code="manifest.param")
         d_out, d_in = shape
         yield block.a_input.key, spec(_factor_shape(block.a_input, d_in), "factor")
         yield block.a_output.key, spec(_factor_shape(block.a_output, rank), "factor")
@@ -390,15 +390,15 @@ def _block_tensors(
         yield block.cross_output, spec((rank, d_out), "cross")
         return
     if block.param == "lora_AB":
-        raise ManifestError("param 'lora_AB' needs structure kron_tridiag", location=where)
-    d_out, d_in = _param_dims(block.param, shape, rank)
+        raise ManifestError("param 'lora_AB' needs structure kron_tridiag", location=where, code="manifest.param")
+    d_out, d_in = _param_dims(block.param, shape, rank, where)
     if isinstance(block, DiagBlockEntry | DiagLowRankBlockEntry):
         yield block.diagonal, spec((d_out, d_in), "diagonal")
         if isinstance(block, DiagLowRankBlockEntry):
             if block.rank > d_out * d_in:
                 raise ManifestError(
                     f"low rank {block.rank} exceeds the {d_out * d_in} entries it spans", location=where
-                )
+                )  # manifest.schema: out of range
             yield block.lowrank, spec((block.rank, d_out, d_in), "lowrank")
     elif isinstance(block, KronBlockEntry):
         yield block.input.key, spec(_factor_shape(block.input, d_in), "factor")
@@ -429,6 +429,7 @@ def expected_tensors(manifest: Manifest) -> dict[str, TensorSpec]:
                 f"tensor {key!r} is shared with {found[key].where} but implies shape "
                 f"{list(spec.shape)} there vs {list(found[key].shape)}",
                 location=spec.where,
+                code="manifest.tensor_conflict",
             )
         found.setdefault(key, spec)
 

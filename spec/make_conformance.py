@@ -5,10 +5,17 @@
     python spec/make_conformance.py --out DIR  # vectors into DIR (the reproducibility test)
 
 Vectors live under ``conformance/<spec_version>/``: a vector goes to the lowest version able to
-hold it, since writers write that version. The 1.0 vectors are therefore still written by this
-script and must come out byte for byte as committed: a test regenerates them. Valid vectors cover
-every structure and parameterization; each invalid vector is a valid one broken in one way, with
-``expected.json`` naming the finding code the validator must report.
+hold it, since writers write that version. The 1.0 and 1.1 vectors are therefore still written by
+this script and must come out byte for byte as committed: a test regenerates them. Valid vectors
+cover every structure and parameterization; each invalid vector is a valid one broken in one way,
+with ``expected.json`` naming the finding code the validator must report.
+
+Spec 1.2 adds no manifest feature, only rules (every accepted artifact is safe to train with) and
+finding codes. Its invalid vectors (``conformance/1.2/invalid``) are 1.0 and 1.1 valid vectors,
+copied with their old ``spec_version``, that break one 1.2 rule: a 1.2 reader must refuse them with
+the new code, and with that code only. Every finding code has an invalid vector except three, which
+no folder in git can trigger: ``model.module_missing`` and ``model.shape`` need a base model to
+compare with, and ``file.unreadable`` needs an OS error on read (permissions do not stop root).
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import struct
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -156,14 +164,18 @@ def write_valid(out: Path) -> dict[str, Path]:
     folders["weight-kron-sharded"] = sharded
     newer = _copy(folders["weight-diag-lowrank"], "newer-minor-1.2")
     _edit_manifest(newer, lambda m: m.update(spec_version="1.2", future_field={"added_in": "1.2"}))
+    # 1.2 writes no manifest a 1.1 writer could not: its only valid vector is the next minor's
+    newer = _copy(folders["weight-diag-lowrank"], "newer-minor-1.3", version=out / "1.2")
+    _edit_manifest(newer, lambda m: m.update(spec_version="1.3", future_field={"added_in": "1.3"}))
     return folders
 
 
 # --- breaking a valid vector in one way -------------------------------------------------------
 
 
-def _copy(source: Path, name: str, kind: str = "valid") -> Path:
-    target = source.parent.parent / kind / name
+def _copy(source: Path, name: str, kind: str = "valid", version: Path | None = None) -> Path:
+    """Copy a vector to ``<version>/<kind>/<name>``; by default under the source's own version."""
+    target = (version or source.parent.parent) / kind / name
     shutil.rmtree(target, ignore_errors=True)
     shutil.copytree(source, target)
     return target
@@ -372,7 +384,7 @@ INVALID: dict[str, tuple[str, str, str, Callable[[Path], object]]] = {
         "weight-diag-lowrank",
         "manifest.unsupported_structure",
         "a 1.2 manifest with a structure this reader does not know",
-        lambda f: _edit_manifest(f, _future_structure),
+        lambda f: _edit_manifest(f, _future_structure("1.2")),
     ),
     "lowrank-wrong-rank": (
         "weight-diag-lowrank",
@@ -393,19 +405,408 @@ INVALID: dict[str, tuple[str, str, str, Callable[[Path], object]]] = {
 }
 
 
-def _future_structure(manifest: dict) -> None:
-    manifest["spec_version"] = "1.2"
-    block = next(iter(manifest["modules"].values()))["blocks"][0]
-    block["structure"] = "future_structure"
+def _future_structure(version: str) -> Callable[[dict[str, Any]], None]:
+    def edit(manifest: dict[str, Any]) -> None:
+        manifest["spec_version"] = version
+        block = next(iter(manifest["modules"].values()))["blocks"][0]
+        block["structure"] = "future_structure"
+
+    return edit
 
 
-def write_invalid(valid: dict[str, Path]) -> None:
-    for name, (source, code, what, breaker) in INVALID.items():
-        folder = _copy(valid[source], name, "invalid")
-        breaker(folder)
-        folder.with_name(f"{name}.expected.json").write_text(
-            json.dumps({"code": code, "what": what, "from": source}, indent=2) + "\n"
-        )
+# --- spec 1.2: rules that make every accepted artifact safe to train with ----------------------
+
+
+def _split_safetensors(folder: Path, name: str = "laplace.safetensors") -> tuple[dict[str, Any], bytes]:
+    """A tensor file's header (``__metadata__`` included, in file order) and its data buffer."""
+    data = (folder / name).read_bytes()
+    (size,) = struct.unpack("<Q", data[:8])
+    return json.loads(data[8 : 8 + size]), data[8 + size :]
+
+
+def _write_safetensors(folder: Path, header: str, body: bytes, name: str = "laplace.safetensors") -> None:
+    """Write a header text (padded with spaces to 8 bytes, as safetensors does) and a data buffer."""
+    raw = header.encode()
+    raw += b" " * (-len(raw) % 8)
+    (folder / name).write_bytes(struct.pack("<Q", len(raw)) + raw + body)
+    _refresh_checksum(folder, name)
+
+
+def _edit_header(folder: Path, edit: Callable[[dict[str, Any], bytes], bytes]) -> None:
+    """Let ``edit`` change the parsed header in place and return the new data buffer."""
+    header, body = _split_safetensors(folder)
+    body = edit(header, body)
+    _write_safetensors(folder, json.dumps(header, separators=(",", ":")), body)
+
+
+def _last_tensor(header: dict[str, Any]) -> dict[str, Any]:
+    return max((e for k, e in header.items() if k != "__metadata__"), key=lambda e: e["data_offsets"][0])
+
+
+def _first_entry(header: dict[str, Any]) -> dict[str, Any]:
+    return header[min(k for k in header if k != "__metadata__")]
+
+
+def _hole(header: dict[str, Any], body: bytes) -> bytes:
+    """8 zero bytes before the last tensor, whose offsets move past them."""
+    last = _last_tensor(header)
+    start = last["data_offsets"][0]
+    last["data_offsets"] = [o + 8 for o in last["data_offsets"]]
+    return body[:start] + b"\x00" * 8 + body[start:]
+
+
+def _overlap(header: dict[str, Any], body: bytes) -> bytes:
+    """The last tensor starts 4 bytes early, over the end of the one before it."""
+    last = _last_tensor(header)
+    start = last["data_offsets"][0]
+    last["data_offsets"] = [o - 4 for o in last["data_offsets"]]
+    return body[: start - 4] + body[start:]
+
+
+def _duplicate_header_key(folder: Path) -> None:
+    header, body = _split_safetensors(folder)
+    key = min(k for k in header if k != "__metadata__")
+    text = json.dumps(header, separators=(",", ":"))
+    _write_safetensors(folder, "{" + json.dumps(key) + ":" + json.dumps(header[key]) + "," + text[1:], body)
+
+
+def _edit_manifest_text(folder: Path, old: str, new: str) -> None:
+    text = (folder / "laplace.json").read_text()
+    assert old in text, old
+    (folder / "laplace.json").write_text(text.replace(old, new, 1))
+
+
+def _nested(depth: int) -> object:
+    value: object = 0
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+def _rename_module(manifest: dict[str, Any], old: str, new: str) -> None:
+    manifest["modules"] = {new if k == old else k: v for k, v in manifest["modules"].items()}
+
+
+def _indefinite_by(fraction: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Shift a factor down so that its least eigenvalue is ``-fraction × ‖F‖_F`` (in float64)."""
+
+    def shift(t: torch.Tensor) -> torch.Tensor:
+        f = t.double()
+        least = torch.linalg.eigvalsh(f)[0].item()
+        down = least + fraction * torch.linalg.matrix_norm(f).item()
+        return (f - down * torch.eye(f.shape[0], dtype=torch.float64)).to(t.dtype)
+
+    return shift
+
+
+def _reverse_eigenpairs(tensors: dict[str, torch.Tensor]) -> None:
+    _set(tensors, "q_proj.weight.all.output.eigenvalues", lambda t: t.flip(0))
+    _set(tensors, "q_proj.weight.all.output.eigenvectors", lambda t: t.flip(1))
+
+
+def _tail_above(folder: Path) -> None:
+    top = load_file(folder / "laplace.safetensors")[_first_key(folder, "q_proj.weight.all.output.eigenvalues")]
+    module = "model.layers.0.self_attn.q_proj"
+    _edit_manifest(folder, lambda m: m["modules"][module]["blocks"][0]["output"].update(tail=2 * top.max().item()))
+
+
+def _scale_cross(tensors: dict[str, torch.Tensor]) -> None:
+    for key in [k for k in tensors if k.endswith(".cross_output")]:
+        tensors[key] = tensors[key] * 10
+
+
+def _file_for_folder(folder: Path) -> None:
+    """The artifact path names a regular file (the manifest alone) instead of a folder."""
+    manifest = (folder / "laplace.json").read_bytes()
+    shutil.rmtree(folder)
+    folder.write_bytes(manifest)
+
+
+def _symlink_tensors(folder: Path) -> None:
+    """The tensor file is a link to a hidden sibling holding the very bytes the manifest lists."""
+    (folder / "laplace.safetensors").rename(folder / ".data")
+    (folder / "laplace.safetensors").symlink_to(".data")
+
+
+def _edit_index(folder: Path, edit: Callable[[dict[str, Any]], object]) -> None:
+    path = folder / "laplace.safetensors.index.json"
+    index = json.loads(path.read_text())
+    edit(index)
+    path.write_text(json.dumps(index, indent=2) + "\n")
+    _refresh_checksum(folder, "laplace.safetensors.index.json")
+
+
+def _unindex(folder: Path) -> None:
+    _edit_manifest(folder, lambda m: m["files"].pop("laplace.safetensors.index.json"))
+    (folder / "laplace.safetensors.index.json").unlink()
+
+
+def _wrong_shard(index: dict[str, Any]) -> None:
+    weight_map = index["weight_map"]
+    key = sorted(weight_map)[0]
+    others = sorted(set(weight_map.values()) - {weight_map[key]})
+    weight_map[key] = others[0]
+
+
+def _copy_into_second_shard(folder: Path) -> None:
+    """A tensor of the first shard stored in the second too (the index still names the first)."""
+    index = json.loads((folder / "laplace.safetensors.index.json").read_text())
+    key = sorted(k for k, s in index["weight_map"].items() if s.startswith("laplace-00001"))[0]
+    tensor = load_file(folder / index["weight_map"][key])[key]
+    _edit_tensors(folder, lambda t: t.update({key: tensor}), name="laplace-00002-of-00002.safetensors")
+
+
+def _append_byte(folder: Path, name: str) -> None:
+    with (folder / name).open("ab") as f:
+        f.write(b"\n")
+
+
+Q_PROJ = "model.layers.0.self_attn.q_proj"
+K_PROJ = "model.layers.0.self_attn.k_proj"
+
+INVALID_1_2: dict[str, tuple[str, str, str, Callable[[Path], object]]] = {
+    # files: nothing but regular files is opened, nothing is hashed above the byte budget
+    "symlinked-tensor-file": (
+        "weight-kron",
+        "file.not_regular",
+        "laplace.safetensors is a symbolic link to a hidden sibling holding the listed bytes",
+        _symlink_tensors,
+    ),
+    "over-budget": (
+        "weight-kron",
+        "file.budget",
+        "the manifest declares a 300 GiB tensor file, above the default budget of 256 GiB",
+        lambda f: _edit_manifest(f, lambda m: m["files"]["laplace.safetensors"].update(size=300 * 2**30)),
+    ),
+    # safetensors: tensors tile the data buffer exactly, entries are strict
+    "trailing-bytes": (
+        "weight-kron",
+        "file.bad_safetensors",
+        "8 bytes after the last tensor",
+        lambda f: _edit_header(f, lambda h, body: body + b"\x00" * 8),
+    ),
+    "hole-between-tensors": (
+        "weight-kron",
+        "file.bad_safetensors",
+        "8 unused bytes before the last tensor",
+        lambda f: _edit_header(f, _hole),
+    ),
+    "overlapping-tensors": (
+        "weight-kron",
+        "file.bad_safetensors",
+        "the last tensor starts 4 bytes inside the one before it",
+        lambda f: _edit_header(f, _overlap),
+    ),
+    "shape-true": (
+        "weight-kron",
+        "file.bad_safetensors",
+        "a shape entry is true, not an integer",
+        lambda f: _edit_header(f, lambda h, body: _first_entry(h)["shape"].__setitem__(0, True) or body),
+    ),
+    "dtype-not-string": (
+        "weight-kron",
+        "file.bad_safetensors",
+        'a tensor entry has "dtype": {}',
+        lambda f: _edit_header(f, lambda h, body: _first_entry(h).update(dtype={}) or body),
+    ),
+    "duplicate-header-key": (
+        "weight-kron",
+        "file.bad_safetensors",
+        "a tensor key appears twice in the safetensors header",
+        _duplicate_header_key,
+    ),
+    "extra-entry-key": (
+        "weight-kron",
+        "file.bad_safetensors",
+        "a tensor entry has a key besides dtype, shape and data_offsets",
+        lambda f: _edit_header(f, lambda h, body: _first_entry(h).update(layout="row_major") or body),
+    ),
+    "two-metadata-keys": (
+        "weight-kron",
+        "file.metadata",
+        "safetensors metadata holds a second key besides format",
+        lambda f: _edit_header(f, lambda h, body: h["__metadata__"].update(note="extra") or body),
+    ),
+    # manifest JSON: bounded, and one meaning only
+    "deep-nesting": (
+        "weight-kron",
+        "manifest.json_invalid",
+        "software holds lists nested 40 deep (at most 32 levels)",
+        lambda f: _edit_manifest(f, lambda m: m["software"].update(nested=_nested(40))),
+    ),
+    "huge-integer": (
+        "weight-kron",
+        "manifest.json_invalid",
+        "a 5000-digit integer (at most 24 digits)",
+        lambda f: _edit_manifest_text(f, '"tokens": 128', '"tokens": 1' + "0" * 4999),
+    ),
+    "float-overflow": (
+        "weight-kron",
+        "manifest.json_invalid",
+        "a number (1e999) that overflows a float64",
+        lambda f: _edit_manifest_text(f, '"weight": 1.0', '"weight": 1e999'),
+    ),
+    "nan-literal": (
+        "weight-kron",
+        "manifest.json_invalid",
+        "a dataset weight written NaN (not JSON)",
+        lambda f: _edit_manifest_text(f, '"weight": 1.0', '"weight": NaN'),
+    ),
+    "duplicate-manifest-key": (
+        "weight-kron",
+        "manifest.json_invalid",
+        "dtype appears twice in the manifest object",
+        lambda f: _edit_manifest_text(f, '"dtype": "float32",', '"dtype": "float32",\n  "dtype": "float32",'),
+    ),
+    "lone-surrogate": (
+        "weight-kron",
+        "manifest.json_invalid",
+        "a module name holds the lone UTF-16 surrogate \\ud800",
+        lambda f: _edit_manifest(f, lambda m: _rename_module(m, K_PROJ, K_PROJ + "\ud800")),
+    ),
+    # manifest rules
+    "dataset-weight-too-large": (
+        "weight-kron-separate-mc",
+        "manifest.schema",
+        "a separate dataset has weight 1e300 (at most 2^16)",
+        lambda f: _edit_manifest(f, lambda m: m["datasets"][1].update(weight=1e300)),
+    ),
+    "summed-weight-not-one": (
+        "weight-kron",
+        "manifest.datasets",
+        "a single summed dataset with weight 5",
+        lambda f: _edit_manifest(f, lambda m: m["datasets"][0].update(weight=5.0)),
+    ),
+    # values
+    "value-too-large": (
+        "weight-kron",
+        "value.range",
+        "a factor scaled by 1e13 (values above 2^40)",
+        lambda f: _edit_tensors(f, lambda t: _set(t, ".output", lambda x: x * 1e13)),
+    ),
+    "eigenvalues-increasing": (
+        "weight-kron-eig",
+        "value.eigen_order",
+        "an eigen factor's eigenpairs stored smallest first",
+        lambda f: _edit_tensors(f, _reverse_eigenpairs),
+    ),
+    "tail-above-eigenvalues": (
+        "weight-kron-eig",
+        "value.eigen_order",
+        "an eigen factor's tail is twice its largest kept eigenvalue",
+        _tail_above,
+    ),
+    "eigenvectors-scaled": (
+        "weight-kron-eig",
+        "value.not_orthonormal",
+        "an eigen factor's eigenvectors scaled by 1.5",
+        lambda f: _edit_tensors(f, lambda t: _set(t, "q_proj.weight.all.output.eigenvectors", lambda x: x * 1.5)),
+    ),
+    "bf16-indefinite": (
+        "weight-kron-bf16",
+        "value.not_psd",
+        "a bfloat16 factor whose least eigenvalue is -1% of its Frobenius norm (beyond the bfloat16 margin)",
+        lambda f: _edit_tensors(f, lambda t: _set(t, "q_proj.weight.all.output", _indefinite_by(0.01))),
+    ),
+    "tridiag-cross-too-large": (
+        "lora-kron-tridiag",
+        "value.not_psd",
+        "kron_tridiag cross blocks scaled by 10: each LoRA pair's block is indefinite",
+        lambda f: _edit_tensors(f, _scale_cross),
+    ),
+    # the codes no 1.0 or 1.1 vector gave
+    "file-not-folder": (
+        "weight-kron",
+        "artifact.not_found",
+        "the artifact path is a regular file (a manifest), not a folder",
+        _file_for_folder,
+    ),
+    "mc-without-samples": (
+        "weight-kron-separate-mc",
+        "manifest.estimator",
+        "estimator mc without mc_samples",
+        lambda f: _edit_manifest(f, lambda m: m["estimator"].update(mc_samples=None)),
+    ),
+    "kron-without-kfac-approx": (
+        "weight-kron",
+        "manifest.kfac_approx",
+        "Kronecker blocks with kfac_approx null",
+        lambda f: _edit_manifest(f, lambda m: m.update(kfac_approx=None)),
+    ),
+    "duplicate-dataset-name": (
+        "weight-kron-separate-mc",
+        "manifest.datasets",
+        "two datasets named docs",
+        lambda f: _edit_manifest(f, lambda m: m["datasets"][1].update(name="docs")),
+    ),
+    "weight-block-param-lora-a": (
+        "weight-kron",
+        "manifest.param",
+        "a weight artifact's block says param lora_A",
+        lambda f: _edit_manifest(f, lambda m: m["modules"][K_PROJ]["blocks"][0].update(param="lora_A")),
+    ),
+    "tensor-key-conflict": (
+        "weight-kron",
+        "manifest.tensor_conflict",
+        "one tensor key is a 6x6 factor in one module and a 2x2 factor in another",
+        lambda f: _edit_manifest(
+            f, lambda m: m["modules"][K_PROJ]["blocks"][0]["output"].update(key=f"{Q_PROJ}.weight.all.output")
+        ),
+    ),
+    "listed-file-deleted": (
+        "weight-kron",
+        "file.missing",
+        "the listed laplace.safetensors is not in the folder",
+        lambda f: (f / "laplace.safetensors").unlink(),
+    ),
+    "size-mismatch": (
+        "weight-kron-sharded",
+        "file.size",
+        "a byte appended to the index, its size and checksum entry left as they were",
+        lambda f: _append_byte(f, "laplace.safetensors.index.json"),
+    ),
+    "sharded-without-index": (
+        "weight-kron-sharded",
+        "index.missing",
+        "two shards and no index (neither listed nor present)",
+        _unindex,
+    ),
+    "index-without-weight-map": (
+        "weight-kron-sharded",
+        "index.invalid",
+        "the index has no weight_map",
+        lambda f: _edit_index(f, lambda i: i.pop("weight_map")),
+    ),
+    "index-wrong-shard": (
+        "weight-kron-sharded",
+        "index.inconsistent",
+        "the index maps a tensor to the other shard",
+        lambda f: _edit_index(f, _wrong_shard),
+    ),
+    "tensor-in-two-shards": (
+        "weight-kron-sharded",
+        "index.inconsistent",
+        "a tensor stored in both shards (the index names only the first)",
+        _copy_into_second_shard,
+    ),
+    # the next minor, as the 1.1 vector did for 1.2
+    "unknown-structure-newer-minor-1.3": (
+        "weight-diag-lowrank",
+        "manifest.unsupported_structure",
+        "a 1.3 manifest with a structure this reader does not know",
+        lambda f: _edit_manifest(f, _future_structure("1.3")),
+    ),
+}
+
+
+def write_invalid(valid: dict[str, Path], out: Path) -> None:
+    for vectors, version in ((INVALID, None), (INVALID_1_2, out / "1.2")):
+        for name, (source, code, what, breaker) in vectors.items():
+            folder = _copy(valid[source], name, "invalid", version)
+            breaker(folder)
+            folder.with_name(f"{name}.expected.json").write_text(
+                json.dumps({"code": code, "what": what, "from": source}, indent=2) + "\n"
+            )
 
 
 def write_schema() -> None:
@@ -422,7 +823,7 @@ def main() -> int:
     if not args.schema:
         out = args.out or OUT
         shutil.rmtree(out, ignore_errors=True)
-        write_invalid(write_valid(out))
+        write_invalid(write_valid(out), out)
     return 0
 
 

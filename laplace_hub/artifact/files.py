@@ -55,6 +55,24 @@ def unreadable(path: Path, error: OSError) -> ArtifactError:
     return ArtifactError(f"cannot be read: {error.strerror or error}", location=path.name, code="file.unreadable")
 
 
+def hf_cache_blob(path: Path) -> Path | None:
+    """The blob a Hugging Face cache pointer links to, or ``None`` if ``path`` is not one.
+
+    In that cache ``<repo>/snapshots/<sha>/…/name`` is a link to ``<repo>/blobs/<etag>``: such a
+    link is read through, any other is refused, so no link can lead outside the repo's blobs.
+    """
+    if not path.is_symlink():
+        return None
+    for snapshots in path.parents:
+        if snapshots.name == "snapshots":
+            blobs = snapshots.parent / "blobs"
+            if blobs.is_symlink() or not blobs.is_dir():
+                return None
+            target = path.resolve()
+            return target if target.parent == blobs.resolve() else None
+    return None
+
+
 def regular_size(path: Path) -> int | None:
     """The size of ``path`` if it is a regular file (not a link); ``None`` if there is nothing there.
 
@@ -65,6 +83,9 @@ def regular_size(path: Path) -> int | None:
     """
     try:
         info = os.lstat(path)
+        blob = hf_cache_blob(path) if stat.S_ISLNK(info.st_mode) else None
+        if blob is not None:
+            info = os.lstat(blob)
     except FileNotFoundError:
         return None
     except OSError as e:
@@ -81,7 +102,7 @@ def open_regular(path: Path) -> BinaryIO:
     """Open a regular file for reading, never following a link nor blocking on a FIFO."""
     flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
     try:
-        fd = os.open(path, flags)
+        fd = os.open(hf_cache_blob(path) or path, flags)
     except OSError as e:
         regular_size(path)  # names a link or a FIFO precisely
         raise unreadable(path, e) from e

@@ -72,8 +72,8 @@ def read(
     check_semantics(sink, manifest)
     try:
         expected = expected_tensors(manifest)
-    except LaplaceHubError as e:
-        sink.add("manifest.tensor_conflict", e.location or "modules", e.message)
+    except LaplaceHubError as e:  # manifest.tensor_conflict, manifest.param, manifest.schema (a rank)
+        sink.error(e, "modules")
         return None
     reading = Reading(folder, manifest, expected)
     reading.layout = check_files(sink, folder, manifest, checksums, max_bytes)

@@ -68,6 +68,7 @@ def check_files(sink: Sink, folder: Path, manifest: Manifest, checksums: bool, m
             check_file_name(name, location=f"files.{name}")
             size = regular_size(folder / name)
             if size is None:
+                layout.broken.add(name)
                 sink.add("file.missing", name, "listed in the manifest but not in the folder")
                 continue
             layout.usable.add(name)
@@ -100,20 +101,28 @@ def _check_stray(sink: Sink, folder: Path, manifest: Manifest) -> None:
 
 
 def read_layout(sink: Sink, folder: Path, manifest: Manifest, layout: Layout) -> None:
-    """Map tensor key → file name, from the index when the artifact is sharded."""
-    usable = layout.usable
+    """Map tensor key → file name through the index (sharded) or the one file's header.
+
+    Where the index is absent or unusable, keys are placed by the headers, so that one broken
+    index is one finding, not one per tensor.
+    """
     names = set(manifest.files)
+    held = {
+        name: _header_keys(sink, folder, name, manifest, layout)
+        for name in sorted(names - {INDEX_NAME})
+        if name in layout.usable
+    }
+    weight_map: dict[str, str] | None = None
     if INDEX_NAME not in names:
         if names - {SINGLE_FILE_NAME}:
             sink.add("index.missing", "files", f"several tensor files but no {INDEX_NAME}")
-        if SINGLE_FILE_NAME in usable:
-            layout.files = dict.fromkeys(
-                _header_keys(sink, folder, SINGLE_FILE_NAME, manifest, layout), SINGLE_FILE_NAME
-            )
+    elif INDEX_NAME in layout.usable and INDEX_NAME not in layout.broken:
+        weight_map = _weight_map(sink, folder)
+    if weight_map is None:
+        for name, keys in held.items():
+            for key in keys:
+                layout.files.setdefault(key, name)
         return
-    if INDEX_NAME not in usable or INDEX_NAME in layout.broken:
-        return
-    weight_map = _weight_map(sink, folder)
     for key, shard in weight_map.items():
         try:
             check_file_name(shard, location=f"{INDEX_NAME}:{key}")
@@ -126,28 +135,27 @@ def read_layout(sink: Sink, folder: Path, manifest: Manifest, layout: Layout) ->
             sink.add(
                 "index.missing_shard", f"{INDEX_NAME}:{key}", f"points to {shard}, not a tensor file listed in files"
             )
-        elif shard in usable:
+        elif key in held.get(shard, ()):
             layout.files[key] = shard
-    for shard in sorted(names - {INDEX_NAME}):
-        in_file = set(_header_keys(sink, folder, shard, manifest, layout)) if shard in usable else set()
-        for key in sorted({k for k, s in layout.files.items() if s == shard} - in_file):
-            if shard not in layout.broken:
+        else:
+            layout.broken.add(key)
+            if shard in held:
                 sink.add("index.inconsistent", f"{INDEX_NAME}:{key}", f"index says {shard} holds it; it does not")
-            del layout.files[key]
-        for key in sorted(in_file - set(weight_map)):
-            sink.add("index.inconsistent", f"{shard}:{key}", f"{shard} holds it but the index does not list it")
+    for name, keys in held.items():
+        for key in sorted(set(keys) - set(weight_map)):
+            sink.add("index.inconsistent", f"{name}:{key}", f"{name} holds it but the index does not list it")
 
 
-def _weight_map(sink: Sink, folder: Path) -> dict[str, str]:
+def _weight_map(sink: Sink, folder: Path) -> dict[str, str] | None:
     try:
         index = read_json_bounded(folder / INDEX_NAME, MAX_INDEX_BYTES, code="index.invalid")
     except LaplaceHubError as e:
         sink.error(e, INDEX_NAME)
-        return {}
+        return None
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not (isinstance(weight_map, dict) and all(isinstance(v, str) for v in weight_map.values())):
         sink.add("index.invalid", INDEX_NAME, "needs a weight_map object of key -> shard file name")
-        return {}
+        return None
     return weight_map
 
 

@@ -107,12 +107,15 @@ def pull(
         local_dir: Put the verified files here instead of the Hugging Face cache.
         cache_dir: The Hugging Face cache to use.
         token: As ``huggingface_hub`` takes it; never printed.
-        overwrite: Replace a ``local_dir`` that holds something other than an earlier pull.
+        overwrite: Replace a ``local_dir`` that holds something other than an earlier pull (a
+            link there is replaced itself, never what it points to).
 
     Raises:
         HubError: repo, revision or artifact not found, not cached while offline, a link or
             special file in a local hub, a ``local_dir`` holding other files, or an OS error.
-        ArtifactError: the artifact does not verify (its subclasses say how); nothing is left.
+        ArtifactError: the artifact does not verify (``ChecksumError``: a size or sha256;
+            others: values, tensors, files); nothing is left behind.
+        ManifestError: the manifest is invalid (``UnsupportedVersionError``: another major).
 
     """
     sub = subfolder.strip("/")

@@ -20,17 +20,76 @@ from laplace_hub.validate import validate
 from tests.conftest import CONFORMANCE, CONFORMANCE_ROOT, ROOT, run_cli
 
 VERSIONS = sorted(p.name for p in CONFORMANCE_ROOT.iterdir() if p.is_dir())
-VALID = sorted(p for v in VERSIONS for p in (CONFORMANCE_ROOT / v / "valid").iterdir() if p.is_dir())
-INVALID = sorted(p for v in VERSIONS for p in (CONFORMANCE_ROOT / v / "invalid").iterdir() if p.is_dir())
 SCHEMA_PATH = ROOT / "spec" / f"manifest-{SPEC_VERSION}.schema.json"
+
+# Vectors written for a 1.1 reader with "1.2" as the future minor. A 1.2 reader sees a manifest of
+# its own minor: the unknown field is an error, not a warning (§10), and the unknown structure is
+# not "a newer minor's" but simply not in the schema. They stay as the record of what a 1.1 reader
+# must do; this reader gives the verdict below instead (1.2/*/…-1.3 replace them for 1.2 readers).
+SUPERSEDED = {
+    "1.1/valid/newer-minor-1.2": "manifest.unknown_field",
+    "1.1/invalid/unknown-structure-newer-minor": "manifest.schema",
+}
+# Codes no vector in git can trigger: a base model to compare with (model.*), an OS error on a
+# read (file.unreadable: tests run as root, whom permissions do not stop). See make_conformance.py.
+NO_VECTOR = {"model.module_missing", "model.shape", "file.unreadable"}
+# The codes spec 1.2 adds or gives new rules, and the codes no 1.0/1.1 vector gave: each needs a vector
+# even before SPEC.md §9 lists it.
+CODES_1_2 = {
+    "file.not_regular",
+    "file.budget",
+    "file.bad_safetensors",
+    "file.metadata",
+    "manifest.json_invalid",
+    "manifest.schema",
+    "manifest.datasets",
+    "value.range",
+    "value.eigen_order",
+    "value.not_orthonormal",
+    "value.not_psd",
+    "index.inconsistent",
+    "artifact.not_found",
+    "manifest.estimator",
+    "manifest.kfac_approx",
+    "manifest.param",
+    "manifest.tensor_conflict",
+    "file.missing",
+    "file.size",
+    "index.missing",
+    "index.invalid",
+}
+# 1.2 vectors whose code this validator reports together with others (a validator bug, not the
+# vector's: each breaks one rule). Remove an entry once the validator reports that code alone.
 
 
 def _vector_id(path: Path) -> str:
     return f"{path.parent.parent.name}/{path.name}"
 
 
+def _vectors(kind: str, version: str | None = None) -> list[Path]:
+    """The vectors of ``kind``: folders, or (artifact.not_found) a file standing where one should be."""
+    return sorted(
+        p
+        for v in ([version] if version else VERSIONS)
+        for p in (CONFORMANCE_ROOT / v / kind).iterdir()
+        if not p.name.endswith(".expected.json") and p.relative_to(CONFORMANCE_ROOT).as_posix() not in SUPERSEDED
+    )
+
+
+def _expected(folder: Path) -> str:
+    code: str = json.loads(folder.with_name(f"{folder.name}.expected.json").read_text())["code"]
+    return code
+
+
+VALID = _vectors("valid")
+INVALID = _vectors("invalid")
+INVALID_1_2 = _vectors("invalid", "1.2")
+
+
 def test_vectors_are_filed_under_their_spec_version() -> None:
-    assert VERSIONS == ["1.0", SPEC_VERSION]
+    assert VERSIONS == ["1.0", "1.1", "1.2"]
+    assert VERSIONS[-1] == SPEC_VERSION
+    assert all(p.is_dir() for p in VALID)
     for folder in VALID:
         version = json.loads((folder / "laplace.json").read_text())["spec_version"]
         assert version == folder.parent.parent.name or folder.name.startswith("newer-minor")
@@ -56,7 +115,7 @@ def _same_json(a: Any, b: Any) -> bool:
 
 
 def test_the_generator_reproduces_every_committed_vector(tmp_path: Path) -> None:
-    """Today's writer still writes the 1.0 goldens byte for byte (tensor files, checksums)."""
+    """Today's writer still writes the 1.0 and 1.1 goldens byte for byte (tensor files, checksums)."""
     subprocess.run([sys.executable, "spec/make_conformance.py", "--out", str(tmp_path)], cwd=ROOT, check=True)
     committed = sorted(p.relative_to(CONFORMANCE_ROOT) for p in CONFORMANCE_ROOT.rglob("*") if p.is_file())
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file()) == committed
@@ -94,10 +153,55 @@ def test_valid_vector_is_accepted(folder: Path) -> None:
 
 @pytest.mark.parametrize("folder", INVALID, ids=_vector_id)
 def test_invalid_vector_gives_its_code(folder: Path) -> None:
-    expected = json.loads(folder.with_name(f"{folder.name}.expected.json").read_text())["code"]
+    expected = _expected(folder)
     report = validate(folder)
     assert not report.valid
     assert expected in {f.code for f in report.errors}, [f.line() for f in report.findings]
+
+
+@pytest.mark.parametrize(
+    "folder",
+    INVALID_1_2,
+    ids=_vector_id,
+)
+def test_1_2_invalid_vector_gives_its_code_only(folder: Path) -> None:
+    """Each 1.2 vector breaks one rule: every error is of its code (nothing cascades from it)."""
+    report = validate(folder)
+    assert report.errors, [f.line() for f in report.findings]
+    assert {f.code for f in report.errors} == {_expected(folder)}, [f.line() for f in report.findings]
+
+
+def test_1_2_invalid_vectors_keep_their_old_spec_version() -> None:
+    """A 1.0 or 1.1 artifact that breaks a 1.2 rule: the point is that old artifacts are held to it."""
+    for folder in INVALID_1_2:
+        manifest = folder / "laplace.json" if folder.is_dir() else folder
+        if manifest.exists() and not folder.name.startswith("unknown-structure-newer-minor"):
+            version = re.search(rb'"spec_version": "([0-9.]+)"', manifest.read_bytes())
+            assert version is not None and version[1] in (b"1.0", b"1.1"), folder
+
+
+@pytest.mark.parametrize("vector", sorted(SUPERSEDED))
+def test_superseded_vectors_get_a_1_2_readers_verdict(vector: str) -> None:
+    report = validate(CONFORMANCE_ROOT / vector)
+    assert not report.valid
+    assert {f.code for f in report.errors} == {SUPERSEDED[vector]}, [f.line() for f in report.findings]
+
+
+def _spec_codes() -> set[str]:
+    """The backticked codes in the first column of SPEC.md §9's table."""
+    text = (ROOT / "spec" / "SPEC.md").read_text()
+    section = re.search(r"^## 9\. .*?$(.*?)^## ", text, re.S | re.M)
+    assert section, "SPEC.md has no §9"
+    rows = [line.split("|")[1] for line in section[1].splitlines() if line.startswith("| `")]
+    return {code for cell in rows for code in re.findall(r"`([a-z_]+\.[a-z_]+)`", cell)}
+
+
+def test_every_finding_code_has_an_invalid_vector() -> None:
+    spec = _spec_codes()
+    assert len(spec) >= 30, sorted(spec)
+    covered = {_expected(p) for p in INVALID}
+    assert not NO_VECTOR & covered, "a code listed as having no vector has one: drop it from NO_VECTOR"
+    assert sorted((spec | CODES_1_2) - NO_VECTOR - covered) == []
 
 
 @pytest.mark.parametrize("folder", [VALID[0], *INVALID], ids=_vector_id)
@@ -107,8 +211,7 @@ def test_cli_json_agrees_and_exit_code(folder: Path) -> None:
     assert result.returncode == (0 if data["valid"] else 1)
     assert "Traceback" not in result.stderr
     if folder in INVALID:
-        expected = json.loads(folder.with_name(f"{folder.name}.expected.json").read_text())["code"]
-        assert expected in {f["code"] for f in data["findings"]}
+        assert _expected(folder) in {f["code"] for f in data["findings"]}
 
 
 def test_cli_on_garbage_gives_one_line(tmp_path: Path) -> None:

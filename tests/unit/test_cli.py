@@ -35,7 +35,7 @@ def test_bad_flag_is_a_usage_error(name: str, capsys: pytest.CaptureFixture[str]
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["pull", "me/x", "--hub", "{tmp}/nothing"], "no laplace-hub artifact"),
+        (["pull", "me/x", "--hub", "{tmp}/nothing"], "the local hub is not a readable folder"),
         (["push", "{tmp}", "me/x", "--hub", "{tmp}/hub"], "no manifest"),
         (["sweep", "smollm2", "--source", "x=y.txt", "--methods", "bogus", "--out", "{tmp}/s"], "Invalid method"),
         (
