@@ -1,4 +1,10 @@
-"""Source and target text: named datasets from files, tokenized into padded, labelled batches."""
+"""Source and target text: named datasets, read from where they live and tokenized into labelled batches.
+
+A dataset's source is a file (``.txt``, ``.jsonl``, ``.parquet``), a saved ``datasets`` folder,
+``stdlib:pydoc`` (the Python reference shipped with the stdlib: real English text without a
+download), or ``self:N`` (N texts sampled from the model itself, for publishers who lack the
+pre-training data).
+"""
 
 from __future__ import annotations
 
@@ -11,10 +17,15 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from laplace_hub.errors import DataError
 
 Batch = dict[str, Tensor]
+PYDOC = "stdlib:pydoc"
+SELF = "self:"
+# rotated over the samples of ``self:N``: generic openings of prose, code, Q&A and lists
+PROMPTS = ("The", "In", "Once upon a time,", "def", "Question:", "A", "It is", "We", "import", "1.")
 
 
 @dataclass(frozen=True)
@@ -30,6 +41,58 @@ class DatasetSpec:
         name, _, path = text.rpartition("=")
         path_obj = Path(path)
         return cls(name or path_obj.stem.replace(".", "_"), path_obj)
+
+    @property
+    def location(self) -> str:
+        """Where an error about this dataset points: the ``source`` parameter and its value."""
+        return f"source {f'{self.name}={self.path}'!r}"
+
+
+def check_source(spec: DatasetSpec) -> None:
+    """Refuse a missing file or a malformed ``self:N`` cheaply, before minutes go into loading a model.
+
+    >>> check_source(DatasetSpec.parse("docs=stdlib:pydoc"))
+    >>> check_source(DatasetSpec.parse("me=self:x"))
+    Traceback (most recent call last):
+    laplace_hub.errors.DataError: source 'me=self:x': expected self:N with N a whole number
+
+    Raises:
+        DataError: The file or folder does not exist, or ``N`` of ``self:N`` is not a whole number.
+
+    """
+    source = str(spec.path)
+    if source == PYDOC:
+        return
+    if source.startswith(SELF):
+        if not source.removeprefix(SELF).isdigit():
+            raise DataError("expected self:N with N a whole number", location=spec.location)
+        return
+    if not spec.path.exists():
+        raise DataError(f"no such file or folder: {spec.path}", location=spec.location)
+
+
+def load_texts(spec: DatasetSpec, model: Any, tokenizer: Any, *, max_length: int = 128, seed: int = 0) -> list[str]:
+    """A dataset's documents, from a file or folder, ``stdlib:pydoc`` or ``self:N``.
+
+    Args:
+        spec: The named source.
+        model: The model ``self:N`` samples from (unused by the other sources).
+        tokenizer: Renders chat ``messages`` records and decodes ``self:N`` samples.
+        max_length: Tokens sampled per ``self:N`` text.
+        seed: Seed of the ``self:N`` samples.
+
+    Raises:
+        DataError: As :func:`check_source`, or the file cannot be read as documents.
+
+    """
+    check_source(spec)
+    source = str(spec.path)
+    if source == PYDOC:
+        return pydoc_texts()
+    if source.startswith(SELF):
+        count = int(source.removeprefix(SELF))
+        return sample_texts(model, tokenizer, count, max_new_tokens=max_length, seed=seed)
+    return read_texts(spec.path, tokenizer=tokenizer)
 
 
 def read_texts(path: Path, *, text_field: str = "text", tokenizer: Any = None) -> list[str]:
@@ -123,3 +186,28 @@ def pydoc_texts() -> list[str]:
     from pydoc_data.topics import topics
 
     return [topics[key].strip() for key in sorted(topics) if topics[key].strip()]
+
+
+@torch.no_grad()
+def sample_texts(
+    model: Any, tokenizer: Any, count: int, *, max_new_tokens: int = 64, seed: int = 0, batch_size: int = 8
+) -> list[str]:
+    """``count`` texts sampled (temperature 1) from the model after rotating generic prompts.
+
+    The reviewers' main objection to LaLoRA is that publishers rarely have the pre-training data;
+    the model's own samples are a stand-in that needs none.
+    """
+    torch.manual_seed(seed)
+    texts: list[str] = []
+    padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    try:
+        for start in tqdm(range(0, count, batch_size), desc="sampling self data", unit="batch", leave=False):
+            prompts = [PROMPTS[(start + i) % len(PROMPTS)] for i in range(min(batch_size, count - start))]
+            encoded = tokenizer(prompts, return_tensors="pt", padding=True).to(next(model.parameters()).device)
+            output = model.generate(
+                **encoded, do_sample=True, max_new_tokens=max_new_tokens, top_k=0, pad_token_id=tokenizer.pad_token_id
+            )
+            texts += tokenizer.batch_decode(output, skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = padding_side
+    return texts

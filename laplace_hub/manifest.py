@@ -27,6 +27,7 @@ CARD_NAME = "README.md"
 
 DType = Literal["float32", "float16", "bfloat16", "float64"]
 MAX_KEY_LENGTH = 512
+MIN_DATASET_WEIGHT = 2.0**-16  # a weight is 0 or at least this: smaller ones underflow in float32
 MAX_DATASET_WEIGHT = 2.0**16  # with stored values ≤ 2^40, a Kronecker penalty stays within float32 (SPEC.md §8.3)
 MAX_DATASET_NAME_LENGTH = 64
 TensorKey = Annotated[str, StringConstraints(pattern=rf"^[A-Za-z0-9_][A-Za-z0-9_.\-/]{{0,{MAX_KEY_LENGTH - 1}}}$")]

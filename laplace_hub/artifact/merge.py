@@ -15,7 +15,7 @@ import hashlib
 import json
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import ValidationError
@@ -32,6 +32,7 @@ from laplace_hub.manifest import (
     MANIFEST_NAME,
     MAX_DATASET_NAME_LENGTH,
     MAX_KEY_LENGTH,
+    MIN_DATASET_WEIGHT,
     BlockEntry,
     DatasetInfo,
     DType,
@@ -42,6 +43,7 @@ from laplace_hub.manifest import (
     expected_tensors,
     first_problem,
     manifest_json,
+    unknown_fields,
 )
 
 KEY_FIELDS = frozenset({"key", "diagonal", "lowrank", "eigenvalues", "eigenvectors", "cross_input", "cross_output"})
@@ -99,7 +101,7 @@ def _pooled(datasets: list[DatasetInfo]) -> DatasetInfo:
     )
 
 
-def _rekey(entry: BlockEntry, dataset: str, rename: dict[str, str], prefix: str, merged: bool) -> BlockEntry:
+def _rekey(entry: BlockEntry, dataset: str, rename: _Renames, prefix: str, merged: bool) -> BlockEntry:
     """The entry under ``dataset`` with every tensor key prefixed (and recorded in ``rename``).
 
     Keys of an already merged artifact lose their old ``<index>/`` prefix, so they do not grow.
@@ -109,15 +111,36 @@ def _rekey(entry: BlockEntry, dataset: str, rename: dict[str, str], prefix: str,
         if not isinstance(node, dict):
             return node
         out = {}
-        for field, value in node.items():
-            if field in KEY_FIELDS and isinstance(value, str):
-                value = rename.setdefault(value, _fit(prefix + (re.sub(r"^[0-9]+/", "", value) if merged else value)))
-            out[field] = walk(value)
+        for name, value in node.items():
+            if name in KEY_FIELDS and isinstance(value, str):
+                value = rename.new.get(value) or rename.add(value, prefix, merged)
+            out[name] = walk(value)
         return out
 
     data = walk(entry.model_dump(mode="json"))
     data["dataset"] = dataset
     return type(entry).model_validate(data)
+
+
+@dataclass
+class _Renames:
+    """Old key → new key within one part, with the new keys taken so far."""
+
+    new: dict[str, str] = field(default_factory=dict)
+    taken: set[str] = field(default_factory=set)
+
+    def add(self, old: str, prefix: str, merged: bool) -> str:
+        """A key for ``old`` under ``prefix`` that no other key of the part has taken.
+
+        Dropping an old ``<index>/`` prefix can make two keys one (``0/x`` and ``1/x``): then the
+        second keeps its full old name.
+        """
+        candidates = [re.sub(r"^[0-9]+/", "", old)] if merged else []
+        candidates += [old, *(f"{old}.{n}" for n in range(2, len(self.taken) + 3))]
+        key = next(k for k in (_fit(prefix + c) for c in candidates) if k not in self.taken)
+        self.new[old] = key
+        self.taken.add(key)
+        return key
 
 
 def _fit(key: str) -> str:
@@ -139,6 +162,13 @@ def _unique(name: str, taken: set[str]) -> str:
 
 def _check_compatible(prior: Manifest, new: Manifest) -> None:
     for which, m in (("prior", prior), ("new", new)):
+        extra = list(unknown_fields(m))
+        if extra:
+            raise ArtifactError(
+                f"the {which} artifact has fields this reader does not know ({', '.join(extra[:3])}); "
+                "a merge would drop them: upgrade laplace-hub",
+                location=extra[0],
+            )
         if isinstance(m.parameterization, LoraParameterization):
             raise ArtifactError(
                 f"the {which} artifact is lora-parameterised; only weight-space curvature merges across tasks",
@@ -152,11 +182,12 @@ def _check_compatible(prior: Manifest, new: Manifest) -> None:
             raise ArtifactError(
                 f"shape {module.shape} differs from the prior's {prior.modules[name].shape}", location=name
             )
-    for field in ("loss", "normalization"):
-        if getattr(prior, field) != getattr(new, field):
+    for attribute in ("loss", "normalization"):
+        if getattr(prior, attribute) != getattr(new, attribute):
             raise ArtifactError(
-                f"{field} differs ({getattr(prior, field)} vs {getattr(new, field)}): the precisions do not add",
-                location=field,
+                f"{attribute} differs ({getattr(prior, attribute)} vs {getattr(new, attribute)}): "
+                "the precisions do not add",
+                location=attribute,
             )
     if prior.estimator.kind != new.estimator.kind:
         raise ArtifactError(
@@ -190,7 +221,7 @@ def merge(
 
     """
     if not 0 < decay <= 1:
-        raise ArtifactError(f"decay must lie in (0, 1], got {decay}", location="--decay")
+        raise ArtifactError(f"decay must lie in (0, 1], got {decay}", location="decay")
     _check_compatible(prior.manifest, new.manifest)
     dtype = _wider(prior.manifest.dtype, new.manifest.dtype)
     blocks: dict[str, list[BlockEntry]] = {name: [] for name in new.manifest.modules}
@@ -201,22 +232,27 @@ def merge(
     parts = [(p, decay) for p in _parts(prior, sources[0])] + [(p, 1.0) for p in _parts(new, sources[1])]
     for index, (part, scale) in enumerate(parts):
         names = {old: _unique(info.name, taken) for old, info in zip(part.block_datasets, part.infos, strict=True)}
-        rename: dict[str, str] = {}
+        rename = _Renames()
         merged = part.artifact.manifest.lineage is not None
         for module, entry in part.artifact.manifest.modules.items():
             for block in entry.blocks:
                 if block.dataset in names:
                     blocks[module].append(_rekey(block, names[block.dataset], rename, f"{index}/", merged))
         roles = {k: spec.role for k, spec in expected_tensors(part.artifact.manifest).items()}
-        for old, key in rename.items():
+        for old, key in rename.new.items():
             stored = part.artifact.tensor(old)
             if roles[old] == "factor" and part.artifact.manifest.dtype != dtype:
                 stored = widened_factor(stored, part.artifact.manifest.dtype)
             tensors[key] = stored.to(tensor_dtype(dtype))
-        datasets += [
-            info.model_copy(update={"name": names[old], "weight": info.weight * scale})
-            for old, info in zip(part.block_datasets, part.infos, strict=True)
-        ]
+        for dataset, info in zip(part.block_datasets, part.infos, strict=True):
+            weight = info.weight * scale
+            if 0 < weight < MIN_DATASET_WEIGHT:
+                raise ArtifactError(
+                    f"dataset {info.name!r} would weigh {weight:.3g} after this decay, below the spec's 2^-16: "
+                    "its curvature no longer matters; merge from a later prior instead",
+                    location="decay",
+                )
+            datasets.append(info.model_copy(update={"name": names[dataset], "weight": weight}))
         lineage.append(
             part.lineage.model_copy(update={"datasets": list(names.values()), "decay": part.lineage.decay * scale})
         )

@@ -96,6 +96,7 @@ class DiskTensors:
         self.sink = sink
         self._handles: dict[str, Any] = {}
         self._checked: set[str] = set()
+        self.failed: set[str] = set()  # keys whose values broke a rule (a collecting sink goes on)
 
     def __call__(self, key: str) -> Tensor:
         name = self.reading.layout.files[key]
@@ -109,7 +110,8 @@ class DiskTensors:
             raise ArtifactError(f"cannot read tensor {key!r}: {e}", location=name, code="file.bad_safetensors") from e
         if key not in self._checked:
             self._checked.add(key)
-            check_tensor(self.sink, key, tensor, self.reading.expected[key])
+            if not check_tensor(self.sink, key, tensor, self.reading.expected[key]):
+                self.failed.add(key)
         return tensor
 
 
@@ -117,21 +119,22 @@ def check_blocks(sink: Sink, reading: Reading, get: DiskTensors) -> None:
     """The rules across a block's tensors: eigenvalues against their tail, kron_tridiag as a whole."""
     manifest = reading.manifest
     lora = manifest.parameterization
-    unreadable = {spec.where for key, spec in reading.expected.items() if key not in reading.layout.files}
-    unreadable |= {
-        spec.where
-        for key, spec in reading.expected.items()
-        if {key, reading.layout.files.get(key, "")} & reading.layout.broken
-    }
+    layout = reading.layout
+
+    def readable(*keys: str) -> bool:
+        usable = (key in layout.files and not {key, layout.files[key]} & layout.broken for key in keys)
+        return all(usable) and not get.failed & set(keys)
+
     for name, module in manifest.modules.items():
         for index, entry in enumerate(module.blocks):
             where = f"modules.{name}.blocks.{index}"
-            if where in unreadable:
-                continue
             if isinstance(entry, KronEigBlockEntry):
                 for side, ref in (("input", entry.input), ("output", entry.output)):
-                    check_tail(sink, f"{where}.{side}", get(ref.eigenvalues), ref.tail, manifest.dtype)
+                    if readable(ref.eigenvalues):
+                        check_tail(sink, f"{where}.{side}", get(ref.eigenvalues), ref.tail, manifest.dtype)
             elif isinstance(entry, KronTridiagBlockEntry) and isinstance(lora, LoraParameterization):
-                getter = lambda key: get(key).to(torch.float64)  # noqa: E731
-                shape = (module.shape[0], module.shape[1])
-                check_cross(sink, where, decode_tridiag(entry, shape, lora.rank, getter, manifest.dtype)[1])
+                refs = (entry.a_input, entry.a_output, entry.b_input, entry.b_output)
+                if readable(*(r.key for r in refs), entry.cross_input, entry.cross_output):
+                    getter = lambda key: get(key).to(torch.float64)  # noqa: E731
+                    shape = (module.shape[0], module.shape[1])
+                    check_cross(sink, where, decode_tridiag(entry, shape, lora.rank, getter, manifest.dtype)[1])

@@ -59,7 +59,7 @@ def check_files(sink: Sink, folder: Path, manifest: Manifest, checksums: bool, m
             "file.budget",
             "files",
             f"the manifest declares {declared} bytes, above this reader's limit of {max_bytes} "
-            "(raise it with max_bytes= or --max-bytes if you trust the artifact)",
+            "(raise `max_bytes` if you trust the artifact)",
         )
         layout.broken |= set(manifest.files)
         return layout

@@ -11,6 +11,7 @@ from laplace_hub.artifact.findings import Sink
 from laplace_hub.errors import LaplaceHubError
 from laplace_hub.manifest import (
     INTRODUCED_IN,
+    MIN_DATASET_WEIGHT,
     SPEC_VERSION,
     KronTridiagBlockEntry,
     LoraParameterization,
@@ -106,6 +107,9 @@ def _check_datasets(report: Sink, m: Manifest) -> None:
             report.add("counts.inconsistent", where, f"{d.tokens} tokens < {d.sequences} sequences")
         if d.batches > d.sequences:
             report.add("counts.inconsistent", where, f"{d.batches} batches > {d.sequences} sequences")
+    for i, d in enumerate(m.datasets):
+        if 0 < d.weight < MIN_DATASET_WEIGHT:
+            report.add("manifest.datasets", f"datasets.{i}.weight", f"{d.weight:.3g} is below 2^-16 (use 0 to drop it)")
     if m.datasets_combined == "summed" and any(d.weight != 1.0 for d in m.datasets):
         report.add("manifest.datasets", "datasets", "summed datasets have weight 1: weights apply to separate datasets")
 

@@ -85,7 +85,7 @@ def write_artifact(
         raise ManifestError(f"refusing to write fields the spec does not define: {', '.join(extra)}")
     _check_tensors(manifest, tensors)
     if path.exists() and not overwrite:
-        raise ArtifactError("already exists; pass overwrite=True (--overwrite) to replace it", location=str(path))
+        raise ArtifactError("already exists; pass `overwrite` to replace it", location=str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()

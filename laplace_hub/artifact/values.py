@@ -34,23 +34,29 @@ CROSS_TOLERANCE = 1e-3
 _CHUNK = 2**22
 
 
-def check_tensor(sink: Sink, key: str, tensor: Tensor, spec: TensorSpec) -> None:
-    """The rules of one stored tensor, read in chunks (no float64 copy of a whole diagonal or basis)."""
+def check_tensor(sink: Sink, key: str, tensor: Tensor, spec: TensorSpec) -> bool:
+    """The rules of one stored tensor, read in chunks (no float64 copy of a whole diagonal or basis).
+
+    Returns:
+        Whether the tensor passed (a collecting sink keeps going after a finding).
+
+    """
     flat = tensor.reshape(-1)
     for start in range(0, flat.numel(), _CHUNK):
         chunk = flat[start : start + _CHUNK].to(torch.float64)
         if not torch.isfinite(chunk).all():
             sink.add("value.non_finite", key, "holds NaN or infinite values")
-            return
+            return False
         if chunk.numel() and chunk.abs().max().item() > MAX_VALUE:
             sink.add("value.range", key, f"holds {chunk.abs().max().item():.3g}, above the limit of 2^40 in magnitude")
-            return
+            return False
         if spec.role in ("diagonal", "eigenvalues") and (chunk < 0).any():
             sink.add("value.negative", key, f"{spec.role} has negative entries (min {chunk.min().item():.3g})")
-            return
+            return False
     if spec.role == "eigenvalues" and (tensor[1:].double() > tensor[:-1].double()).any():
         sink.add("value.eigen_order", key, "eigenvalues must be non-increasing (the top-k eigenpairs, largest first)")
-    elif spec.role == "eigenvectors":
+        return False
+    if spec.role == "eigenvectors":
         v = tensor.to(torch.float64)
         error = (v.T @ v - torch.eye(v.shape[1], dtype=torch.float64)).abs().max().item()
         if error > ORTHONORMAL_TOLERANCE[spec.dtype]:
@@ -59,19 +65,22 @@ def check_tensor(sink: Sink, key: str, tensor: Tensor, spec: TensorSpec) -> None
                 key,
                 f"max |VᵀV − I| = {error:.3g} exceeds {ORTHONORMAL_TOLERANCE[spec.dtype]:g}",
             )
-    elif spec.role == "factor":
-        _check_factor(sink, key, tensor, spec)
+            return False
+    return spec.role != "factor" or _check_factor(sink, key, tensor, spec)
 
 
-def _check_factor(sink: Sink, key: str, tensor: Tensor, spec: TensorSpec) -> None:
+def _check_factor(sink: Sink, key: str, tensor: Tensor, spec: TensorSpec) -> bool:
     matrix = _matrix(tensor.to(torch.float64))
     tol = TOLERANCE[spec.dtype]
     scale = matrix.abs().max().item()
     asym = (matrix - matrix.T).abs().max().item()
     if asym > tol * scale:
         sink.add("value.not_symmetric", key, f"max |F − Fᵀ| = {asym:.3g} exceeds {tol:g} × max|F|")
-    elif not psd_with_margin(matrix, tol / 2):
+        return False
+    if not psd_with_margin(matrix, tol / 2):
         sink.add("value.not_psd", key, f"indefinite: F + {tol / 2:g}·‖F‖_F·I has no Cholesky factor ({spec.dtype})")
+        return False
+    return True
 
 
 def _matrix(tensor: Tensor) -> Tensor:
@@ -157,6 +166,6 @@ def cross_norm(
             return math.inf
         m = torch.linalg.solve_triangular(low_l, middle.double(), upper=False)
         m = torch.linalg.solve_triangular(low_r, m.T, upper=False).T
-        return float(torch.linalg.matrix_norm(m, ord=2))
+        return float(torch.linalg.matrix_norm(m, ord=2)) if torch.isfinite(m).all() else math.inf
 
     return whitened(a_output, cross_output, b_output) * whitened(a_input, cross_input, b_input)

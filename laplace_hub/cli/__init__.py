@@ -1,6 +1,7 @@
 """The ``laplace-hub`` command: thin wrappers over the library, one module per command.
 
-Known errors become one line on stderr and exit 1; usage errors exit 2. Set
+Known errors become one line on stderr and exit 1, the library's parameters spelled as the
+command's flags (a command lists them as its ``flags`` default); usage errors exit 2. Set
 ``LAPLACE_HUB_DEBUG=1`` to see tracebacks.
 """
 
@@ -23,6 +24,7 @@ from laplace_hub.cli import (
     sweep_cmd,
     validate_cmd,
 )
+from laplace_hub.cli._common import error_line
 from laplace_hub.errors import LaplaceHubError
 
 COMMANDS = (demo_cmd, compute_cmd, validate_cmd, inspect_cmd, merge_cmd, hub_cmds, sweep_cmd, continual_cmd)
@@ -51,7 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.run(args))
     except LaplaceHubError as e:
-        return _fail(f"error: {e}", e)
+        return _fail(f"error: {error_line(e, getattr(args, 'flags', {}))}", e)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -6,9 +6,15 @@ import argparse
 import json
 import re
 import sys
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 from laplace_hub.artifact.files import DEFAULT_MAX_BYTES
+from laplace_hub.errors import LaplaceHubError
+
+T = TypeVar("T")
+# how the library spells a parameter in a message: `name`
+_PARAMETER = re.compile(r"`(\w+)`")
 
 
 def add_command(sub: Any, name: str, summary: str, examples: str) -> argparse.ArgumentParser:
@@ -20,6 +26,31 @@ def add_command(sub: Any, name: str, summary: str, examples: str) -> argparse.Ar
         epilog="examples:\n" + examples,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+
+
+def parse_list(text: str, kind: Callable[[str], T], flag: str) -> tuple[T, ...]:
+    """``"1,2,3"`` → ``(1, 2, 3)`` with an error naming the flag."""
+    try:
+        return tuple(kind(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise LaplaceHubError(f"{flag}: cannot read {text!r} as a comma-separated list") from None
+
+
+def error_line(error: LaplaceHubError, flags: Mapping[str, str]) -> str:
+    """The line ``main`` prints for a library error, its parameters spelled as the command's flags.
+
+    The library names the parameter an error is about first in ``location`` (``"decay"``,
+    ``"source 'x=y.txt'"``) and other parameters as `name` in the message; it knows nothing of
+    flags, and one parameter may be a different flag in different commands.
+
+    >>> error_line(LaplaceHubError("needs `lowrank_rank` ≥ 1", location="structure"), {"lowrank_rank": "--rank"})
+    'structure: needs --rank ≥ 1'
+    """
+    message = _PARAMETER.sub(lambda m: flags.get(m[1], m[0]), error.message)
+    if not error.location:
+        return message
+    parameter, space, value = error.location.partition(" ")
+    return f"{flags.get(parameter, parameter)}{space}{value}: {message}"
 
 
 def print_json(data: Any) -> None:

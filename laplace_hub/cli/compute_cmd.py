@@ -10,14 +10,26 @@ from typing import Any
 import torch
 
 from laplace_hub.cli._common import add_command, human_bytes, print_json
-from laplace_hub.data import DatasetSpec, make_batches, pydoc_texts, read_texts
-from laplace_hub.errors import DataError, LaplaceHubError
+from laplace_hub.data import DatasetSpec, check_source, load_texts, make_batches
+from laplace_hub.errors import LaplaceHubError
 from laplace_hub.manifest import BaseModelInfo
 from laplace_hub.models import SMOLLM2_REPO_ID, load_model, select_targets
 from laplace_hub.producers import ComputeOptions, compute_artifact
 from laplace_hub.producers.distributed import init_from_env, rank_and_world
-from laplace_hub.producers.self_data import sample_texts
 from laplace_hub.validate import validate
+
+# library parameter (as its errors name it) → this command's flag; `--rank` sets whichever rank applies
+FLAGS = {
+    "source": "--data",
+    "targets": "--targets",
+    "structure": "--structure",
+    "estimator": "--estimator",
+    "normalization": "--normalization",
+    "kfac_approx": "--kfac-approx",
+    "parameterization": "--parameterization",
+    "eig_rank": "--rank",
+    "lowrank_rank": "--rank",
+}
 
 
 def register(sub: Any) -> None:
@@ -82,35 +94,7 @@ def register(sub: Any) -> None:
     p.add_argument("--license", help="licence of the curvature (SPDX id)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
-    p.set_defaults(run=run)
-
-
-def load_texts(spec: DatasetSpec, model: Any, tokenizer: Any, *, max_length: int = 128, seed: int = 0) -> list[str]:
-    """A dataset's documents: a file, ``stdlib:pydoc``, or ``self:N``.
-
-    ``stdlib:pydoc`` is the Python reference shipped with the stdlib; ``self:N`` is N texts
-    sampled from the model itself.
-    """
-    source = str(spec.path)
-    if source == "stdlib:pydoc":
-        return pydoc_texts()
-    if source.startswith("self:"):
-        check_source(spec)
-        return sample_texts(model, tokenizer, int(source.removeprefix("self:")), max_new_tokens=max_length, seed=seed)
-    return read_texts(spec.path, tokenizer=tokenizer)
-
-
-def check_source(spec: DatasetSpec) -> None:
-    """Refuse a missing file or a malformed ``self:N`` before any model is loaded."""
-    source = str(spec.path)
-    if source == "stdlib:pydoc":
-        return
-    if source.startswith("self:"):
-        if not source.removeprefix("self:").isdigit():
-            raise DataError(f"--data {source!r}: expected self:N with N a whole number")
-        return
-    if not spec.path.exists():
-        raise DataError(f"no such file or folder: {spec.path}")
+    p.set_defaults(run=run, flags=FLAGS)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -7,7 +7,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from laplace_hub.cli._common import add_command, print_json
+from laplace_hub.cli._common import add_command, parse_list, print_json
 
 
 def register(sub: Any) -> None:
@@ -28,7 +28,6 @@ def register(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the demo and print its report."""
-    from laplace_hub.cli.sweep_cmd import parse_list
     from laplace_hub.evaluation import DemoConfig, format_report, run_demo
 
     cfg = DemoConfig(out=Path(args.out))

@@ -34,7 +34,9 @@ def register(sub: Any) -> None:
     p.add_argument("--private", action="store_true", help="with --create-repo: make it private")
     p.add_argument("--message", help="commit message (default: says what the artifact is)")
     p.add_argument("--json", action="store_true")
-    p.set_defaults(run=run_push)
+    p.set_defaults(
+        run=run_push, flags={"revision": "--revision", "create_pr": "--create-pr", "create_repo": "--create-repo"}
+    )
 
     p = add_command(
         sub,
@@ -53,7 +55,7 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--cache-dir", help="the Hugging Face cache to use")
     p.add_argument("--json", action="store_true")
-    p.set_defaults(run=run_pull)
+    p.set_defaults(run=run_pull, flags={"overwrite": "--overwrite", "subfolder": "--subfolder"})
 
     p = add_command(
         sub,

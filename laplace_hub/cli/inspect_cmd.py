@@ -20,7 +20,7 @@ def register(sub: Any) -> None:
     parser.add_argument("path", help="the artifact folder")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     add_max_bytes(parser)
-    parser.set_defaults(run=run)
+    parser.set_defaults(run=run, flags={"max_bytes": "--max-bytes"})
 
 
 def summarize(artifact: Artifact) -> dict[str, Any]:

@@ -29,7 +29,7 @@ def register(sub: Any) -> None:
     p.add_argument("--out", type=Path, required=True, help="the posterior artifact folder to write")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--json", action="store_true", help="print the lineage as JSON")
-    p.set_defaults(run=run)
+    p.set_defaults(run=run, flags={"decay": "--decay"})
 
 
 def run(args: argparse.Namespace) -> int:

@@ -3,23 +3,23 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-from laplace_hub.cli._common import add_command, print_json
+from laplace_hub.cli._common import add_command, parse_list, print_json
 from laplace_hub.errors import LaplaceHubError
 
-T = TypeVar("T")
-
-
-def parse_list(text: str, kind: Callable[[str], T], flag: str) -> tuple[T, ...]:
-    """``"1,2,3"`` → ``(1, 2, 3)`` with an error naming the flag."""
-    try:
-        return tuple(kind(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise LaplaceHubError(f"{flag}: cannot read {text!r} as a comma-separated list") from None
+# library parameter (as its errors name it) → this command's flag
+FLAGS = {
+    "source": "--source",
+    "target": "--target",
+    "target_train": "--target-train",
+    "target_val": "--target-val",
+    "target_test": "--target-test",
+    "artifacts": "--artifact",
+    "methods": "--methods",
+    "targets": "--targets",
+}
 
 
 def register(sub: Any) -> None:
@@ -83,90 +83,58 @@ def register(sub: Any) -> None:
         help="keep the runs already in OUT/runs.csv (an interrupted sweep, or other methods) and run only the rest",
     )
     p.add_argument("--json", action="store_true")
-    p.set_defaults(run=run)
-
-
-def _targets(args: argparse.Namespace) -> dict[str, Any]:
-    from laplace_hub.evaluation.tasks import read_examples, task_splits
-
-    if args.target is not None:
-        return task_splits(args.target, 256, 100, 100)
-    files = {"train": args.target_train, "validation": args.target_val, "test": args.target_test}
-    missing = [k for k, v in files.items() if v is None]
-    if missing:
-        raise LaplaceHubError(
-            f"give --target TASK or all of --target-train/--target-val/--target-test (missing: {', '.join(missing)})"
-        )
-    return {k: read_examples(v) for k, v in files.items()}
+    p.set_defaults(run=run, flags=FLAGS)
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the sweep and write runs.csv, summary.json and pareto.png."""
-    from laplace_hub.artifact import Artifact
-    from laplace_hub.cli.compute_cmd import check_source, load_texts
     from laplace_hub.data import DatasetSpec
-    from laplace_hub.evaluation.report import pareto_plot, read_rows, table, write_json, write_rows
-    from laplace_hub.evaluation.sweep import (
-        SweepConfig,
-        SweepData,
-        choices_json,
-        choose,
-        curvature_artifacts,
-        pending_runs,
-        run_sweep,
-        split_source,
-        summarize,
-    )
-    from laplace_hub.models import load_model
+    from laplace_hub.evaluation.experiment import SweepExperiment, run_experiment
+    from laplace_hub.evaluation.report import table
+    from laplace_hub.evaluation.sweep import SourceSizes, SweepConfig
 
-    cfg = SweepConfig(
-        methods=parse_list(args.methods, str, "--methods"),
-        strengths=parse_list(args.strengths, float, "--strengths"),
-        seeds=parse_list(args.seeds, int, "--seeds"),
-        targets=args.targets,
-        lora_rank=args.lora_rank,
-        steps=args.steps,
-        lr=args.lr,
-        eig_rank=args.eig_rank,
+    experiment = SweepExperiment(
+        model=args.model,
+        gguf_file=args.gguf_file,
+        source=DatasetSpec.parse(args.source),
+        out=args.out,
+        sweep=SweepConfig(
+            methods=parse_list(args.methods, str, "--methods"),
+            strengths=parse_list(args.strengths, float, "--strengths"),
+            seeds=parse_list(args.seeds, int, "--seeds"),
+            targets=args.targets,
+            lora_rank=args.lora_rank,
+            steps=args.steps,
+            lr=args.lr,
+            eig_rank=args.eig_rank,
+        ),
+        sizes=SourceSizes(
+            curvature_batches=args.curvature_batches, eval_batches=args.eval_batches, max_length=args.max_length
+        ),
+        target=args.target,
+        target_train=args.target_train,
+        target_val=args.target_val,
+        target_test=args.target_test,
+        artifacts=dict(_artifact(item) for item in args.artifact),
+        resume=args.resume,
+        priority=args.priority,
+        tolerance=args.tolerance,
+        budget=args.budget,
     )
-    cfg.check()
-    given = {}
-    for item in args.artifact:
-        structure, _, folder = item.partition("=")
-        if structure not in ("diag", "diag_lowrank", "kron", "kron_eig") or not folder:
-            raise LaplaceHubError(
-                f"--artifact {item!r}: expected STRUCTURE=DIR, STRUCTURE diag, diag_lowrank, kron or kron_eig"
-            )
-        given[structure] = Artifact.open(folder, verify_checksums=True)
-    done = read_rows(args.out / "runs.csv") if args.resume and (args.out / "runs.csv").is_file() else []
-    targets = _targets(args)
-    source = DatasetSpec.parse(args.source)
-    check_source(source)
-    model, tokenizer = load_model(args.model, gguf_file=args.gguf_file)
-    texts = load_texts(source, model, tokenizer, max_length=args.max_length)
-    curvature, source_val, source_test = split_source(
-        texts,
-        tokenizer,
-        curvature_batches=args.curvature_batches,
-        eval_batches=args.eval_batches,
-        batch_size=4,
-        max_length=args.max_length,
-    )
-    data = SweepData(targets["train"], targets["validation"], targets["test"], curvature, source_val, source_test)
-    pending = {method for method, _, _ in pending_runs(cfg, done)}
-    missing = dataclasses.replace(cfg, methods=tuple(m for m in cfg.methods if m in pending and m not in given))
-    artifacts = {**curvature_artifacts(model, data, missing), **given}
-    rows = run_sweep(model, tokenizer, data, cfg, artifacts, done, save=lambda r: write_rows(r, args.out / "runs.csv"))
-    summary = summarize(rows)
-    choices = choose(summary, args.priority, args.tolerance, args.budget)
-    write_rows(rows, args.out / "runs.csv")
-    write_json({"summary": summary, "choices": choices_json(choices)}, args.out / "summary.json")
-    pareto_plot(summary, args.out / "pareto.png", f"{args.model}: learning vs forgetting")
+    outcome = run_experiment(experiment)
     if args.json:
-        print_json({"summary": summary, "choices": choices_json(choices)})
+        print_json(outcome.json())
     else:
-        print(table(summary))
-        for c in choices:
+        print(table(outcome.summary))
+        for c in outcome.choices:
             print(f"{c.method}: {c.verdict}")
-        print(f"files: {args.out / 'runs.csv'}, {args.out / 'summary.json'}, {args.out / 'pareto.png'}")
+        print(f"files: {', '.join(map(str, experiment.files))}")
     return 0
+
+
+def _artifact(item: str) -> tuple[str, Path]:
+    """``--artifact STRUCTURE=DIR`` → ``(structure, folder)``."""
+    structure, _, folder = item.partition("=")
+    if not structure or not folder:
+        raise LaplaceHubError(f"--artifact {item!r}: expected STRUCTURE=DIR")
+    return structure, Path(folder)

@@ -27,7 +27,7 @@ def register(sub: Any) -> None:
     parser.add_argument("--model", help="a base model folder (or Hub id) whose linear shapes must match")
     parser.add_argument("--gguf-file", help="GGUF file name inside --model")
     add_max_bytes(parser)
-    parser.set_defaults(run=run)
+    parser.set_defaults(run=run, flags={"max_bytes": "--max-bytes"})
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,7 +1,8 @@
 """Learning/forgetting measurement, λ sweeps and the end-to-end demo."""
 
+from laplace_hub.evaluation.choice import choose, summarize
 from laplace_hub.evaluation.demo import DemoConfig, format_report, run_demo
-from laplace_hub.evaluation.sweep import METHODS, SweepConfig, SweepData, choose, run_sweep, summarize
+from laplace_hub.evaluation.sweep import METHODS, SweepConfig, SweepData, run_sweep
 
 __all__ = [
     "METHODS",

@@ -15,13 +15,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from laplace_hub.artifact import merge
 from laplace_hub.data import Batch
 from laplace_hub.evaluation.demo import say
-from laplace_hub.evaluation.metrics import exact_match, example_batches, source_metrics
+from laplace_hub.evaluation.metrics import example_batches, source_metrics
 from laplace_hub.evaluation.report import bar_panels, write_json, write_rows
 from laplace_hub.evaluation.sweep import SourceSizes, SweepConfig, finetune, pydoc_splits
-from laplace_hub.evaluation.tasks import Example, task_splits
+from laplace_hub.evaluation.tasks import task_splits
 from laplace_hub.manifest import BaseModelInfo
 from laplace_hub.models import SMOLLM2_REPO_ID, load_model, select_targets
 from laplace_hub.producers import ComputeOptions, compute_artifact
@@ -31,7 +33,12 @@ METRICS = ("source_nll", "task1_em", "task1_nll", "task2_em", "task2_nll")
 
 @dataclass(frozen=True)
 class ContinualConfig:
-    """The two tasks, the penalty and the LoRA recipe (that of the sweep)."""
+    """The two tasks, the penalty, the LoRA recipe (that of the sweep) and the sizes.
+
+    The sizes set the run time as much as ``recipe.steps`` does: ``n_test`` problems per task are
+    scored for each of the five models, ``source.curvature_batches`` batches enter each of the two
+    K-FAC computations, and ``source.eval_batches`` held-out source batches measure forgetting.
+    """
 
     out: Path = Path("out/continual")
     task1: str = "arithmetic"
@@ -45,13 +52,33 @@ class ContinualConfig:
     recipe: SweepConfig = field(default_factory=SweepConfig)
 
 
-def _measure(model: Any, tokenizer: Any, source: Sequence[Batch], tests: dict[str, list[Example]]) -> dict[str, float]:
+@torch.no_grad()
+def _answer_scores(model: Any, batches: Sequence[Batch]) -> tuple[float, float]:
+    """Exact match and the NLL per answer token from one forward pass per batch.
+
+    The same numbers as :func:`~laplace_hub.evaluation.metrics.exact_match` and the ``source_nll`` of
+    :func:`~laplace_hub.evaluation.metrics.source_metrics` on these batches, for half the forward passes.
+    """
+    device = next(model.parameters()).device
+    correct, total, nll, tokens = 0, 0, 0.0, 0
+    for batch in batches:
+        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+        logits = logits.logits[:, :-1].float().cpu()
+        targets = batch["labels"][:, 1:]
+        valid = targets != -100
+        correct += int(((logits.argmax(-1) == targets) | ~valid).all(1).sum())
+        total += len(targets)
+        log_probs = torch.log_softmax(logits, -1).gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+        nll -= float((log_probs * valid).sum())
+        tokens += int(valid.sum())
+    return correct / total, nll / tokens
+
+
+def _measure(model: Any, source: Sequence[Batch], tests: dict[str, list[Batch]]) -> dict[str, float]:
     """Source NLL per token; per task, exact match and the NLL per token of the answers (finer than EM)."""
     scores = {"source_nll": source_metrics(model, source)["source_nll"]}
-    for task, examples in tests.items():
-        batches = example_batches(examples, tokenizer)
-        scores[f"{task}_em"] = exact_match(model, batches)
-        scores[f"{task}_nll"] = source_metrics(model, batches)["source_nll"]  # labels: the answers only
+    for task, batches in tests.items():
+        scores[f"{task}_em"], scores[f"{task}_nll"] = _answer_scores(model, batches)  # labels: the answers only
     return scores
 
 
@@ -61,7 +88,7 @@ def run_continual(cfg: ContinualConfig) -> dict[str, Any]:
     curvature, _, source_test = pydoc_splits(tokenizer, cfg.source)
     task1 = task_splits(cfg.task1, cfg.n_train, 0, cfg.n_test, seed=1)
     task2 = task_splits(cfg.task2, cfg.n_train, 0, cfg.n_test, seed=2)
-    tests = {"task1": task1["test"], "task2": task2["test"]}
+    tests = {"task1": example_batches(task1["test"], tokenizer), "task2": example_batches(task2["test"], tokenizer)}
     kron = ComputeOptions(structure="kron")
 
     say(f"[task 0] K-FAC prior of SmolLM2 on pydoc ({len(curvature)} batches)")
@@ -87,8 +114,8 @@ def run_continual(cfg: ContinualConfig) -> dict[str, Any]:
     )
     posterior = merge(prior, new, decay=cfg.decay).save(cfg.out / "posterior", overwrite=True)
     rows = [
-        {"variant": "base model", "seed": None, **_measure(model, tokenizer, source_test, tests)},
-        {"variant": "after task 1", "seed": None, **_measure(after_1, tokenizer, source_test, tests)},
+        {"variant": "base model", "seed": None, **_measure(model, source_test, tests)},
+        {"variant": "after task 1", "seed": None, **_measure(after_1, source_test, tests)},
     ]
     variants = {
         "plain LoRA": ("lora", {}),
@@ -100,9 +127,17 @@ def run_continual(cfg: ContinualConfig) -> dict[str, Any]:
         for seed in cfg.seeds:
             say(f"[task 2] {cfg.task2}: {variant}, seed {seed}")
             tuned, _ = finetune(after_1, tokenizer, task2["train"], method, cfg.strength, artifacts, recipe, seed)
-            rows.append({"variant": variant, "seed": seed, **_measure(tuned, tokenizer, source_test, tests)})
+            rows.append({"variant": variant, "seed": seed, **_measure(tuned, source_test, tests)})
     write_rows(rows, cfg.out / "runs.csv")
-    config = {"task1": cfg.task1, "task2": cfg.task2, "strength": cfg.strength, "decay": cfg.decay}
+    config = {
+        "task1": cfg.task1,
+        "task2": cfg.task2,
+        "strength": cfg.strength,
+        "decay": cfg.decay,
+        "steps": cfg.recipe.steps,
+        "n_test": cfg.n_test,
+        "source": dataclasses.asdict(cfg.source),
+    }
     summary = summarize(rows)
     result = {"config": config, "summary": summary}
     write_json(result, cfg.out / "continual.json")

@@ -9,17 +9,9 @@ from typing import Any
 
 from laplace_hub.data import Batch
 from laplace_hub.errors import ArtifactError
+from laplace_hub.evaluation.choice import choices_json, choose, summarize
 from laplace_hub.evaluation.report import pareto_plot, table, write_json, write_rows
-from laplace_hub.evaluation.sweep import (
-    SourceSizes,
-    SweepConfig,
-    SweepData,
-    choices_json,
-    choose,
-    pydoc_splits,
-    run_sweep,
-    summarize,
-)
+from laplace_hub.evaluation.sweep import SourceSizes, SweepConfig, SweepData, pydoc_splits, run_sweep
 from laplace_hub.evaluation.tasks import task_splits
 from laplace_hub.hub import pull, push
 from laplace_hub.manifest import BaseModelInfo

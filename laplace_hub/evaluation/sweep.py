@@ -1,7 +1,7 @@
-"""λ sweeps: fine-tune per method, strength and seed; measure learning and forgetting; choose λ.
+"""λ sweeps: fine-tune per method, strength and seed; measure learning and forgetting.
 
-Every run is scored on validation and test data; λ is chosen on validation means only and
-reported on test means, as the LaLoRA paper does.
+Every run is scored on validation and test data, so that :mod:`~laplace_hub.evaluation.choice`
+can choose λ on validation means and report test means, as the LaLoRA paper does.
 """
 
 from __future__ import annotations
@@ -9,10 +9,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import random
-import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -58,7 +57,6 @@ ARTIFACT_FOR = {
     "kron_eig": "kron_eig",
     "lora_init": "diag",
 }
-METRICS = ("target_em", "source_nll", "source_accuracy")
 
 
 @dataclass(frozen=True)
@@ -81,7 +79,7 @@ class SweepConfig:
         """Refuse unknown methods and empty grids."""
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
-            raise LaplaceHubError(f"Invalid method(s) {unknown}. Supported: {METHODS}")
+            raise LaplaceHubError(f"Invalid method(s) {unknown}. Supported: {METHODS}", location="methods")
         if not self.seeds or (set(self.methods) - {"lora"} and not self.strengths):
             raise LaplaceHubError("a sweep needs at least one seed and, for regularised methods, one strength")
 
@@ -129,10 +127,12 @@ class SourceSizes:
     max_length: int = 64
 
 
-def pydoc_splits(tokenizer: Any, sizes: SourceSizes, seed: int = 0) -> tuple[list[Batch], list[Batch], list[Batch]]:
-    """:func:`split_source` of the stdlib's Python reference text (no download)."""
+def sized_splits(
+    texts: Sequence[str], tokenizer: Any, sizes: SourceSizes, seed: int = 0
+) -> tuple[list[Batch], list[Batch], list[Batch]]:
+    """:func:`split_source` in the sizes of ``sizes``."""
     return split_source(
-        pydoc_texts(),
+        texts,
         tokenizer,
         curvature_batches=sizes.curvature_batches,
         eval_batches=sizes.eval_batches,
@@ -140,6 +140,11 @@ def pydoc_splits(tokenizer: Any, sizes: SourceSizes, seed: int = 0) -> tuple[lis
         max_length=sizes.max_length,
         seed=seed,
     )
+
+
+def pydoc_splits(tokenizer: Any, sizes: SourceSizes, seed: int = 0) -> tuple[list[Batch], list[Batch], list[Batch]]:
+    """:func:`sized_splits` of the stdlib's Python reference text (no download)."""
+    return sized_splits(pydoc_texts(), tokenizer, sizes, seed)
 
 
 def curvature_artifacts(model: Any, data: SweepData, cfg: SweepConfig) -> dict[str, Artifact]:
@@ -271,81 +276,3 @@ def run_sweep(
         if save is not None:
             save(rows)
     return rows
-
-
-def summarize(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Mean and standard deviation over seeds of every metric, per (method, strength)."""
-    groups: dict[tuple[str, float], list[Mapping[str, Any]]] = {}
-    for row in rows:
-        groups.setdefault((row["method"], row["strength"]), []).append(row)
-    summary = []
-    for (method, strength), members in groups.items():
-        entry: dict[str, Any] = {"method": method, "strength": strength, "seeds": len(members)}
-        for split in ("val", "test"):
-            for metric in METRICS:
-                values = [m[f"{split}_{metric}"] for m in members]
-                entry[f"{split}_{metric}"] = statistics.fmean(values)
-                entry[f"{split}_{metric}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
-        entry["seconds"] = statistics.fmean(m["seconds"] for m in members)
-        summary.append(entry)
-    return summary
-
-
-@dataclass(frozen=True)
-class Choice:
-    """The strength chosen for one method on validation data, and how it fares on test data."""
-
-    method: str
-    strength: float
-    test_target_em: float
-    test_source_nll: float
-    forgetting_removed: float | None
-    matched: bool
-    verdict: str
-
-
-def choose(
-    summary: Sequence[Mapping[str, Any]],
-    priority: Literal["retention", "learning"] = "retention",
-    tolerance: float = 0.01,
-    budget: float | None = None,
-) -> list[Choice]:
-    """Pick λ per method on validation means.
-
-    * ``retention``: the lowest validation source NLL among strengths whose validation target
-      exact match is within ``tolerance`` of plain LoRA's (matched learning).
-    * ``learning``: the best validation target exact match among strengths whose validation source
-      NLL rises by at most ``budget`` over the base model.
-    """
-    by = {(s["method"], s["strength"]): s for s in summary}
-    base, lora = by.get(("base", 0.0)), by.get(("lora", 0.0))
-    if base is None or lora is None:
-        raise LaplaceHubError("choosing λ needs the base model's and plain LoRA's rows")
-    lora_rise = lora["test_source_nll"] - base["test_source_nll"]
-    choices = []
-    for method in dict.fromkeys(s["method"] for s in summary if s["method"] not in ("base", "lora")):
-        candidates = [s for s in summary if s["method"] == method]
-        if priority == "retention":
-            ok = [s for s in candidates if s["val_target_em"] >= lora["val_target_em"] - tolerance] or candidates
-            best = min(ok, key=lambda s: s["val_source_nll"])
-        else:
-            limit = base["val_source_nll"] + (budget if budget is not None else lora_rise / 2)
-            ok = [s for s in candidates if s["val_source_nll"] <= limit] or candidates
-            best = max(ok, key=lambda s: s["val_target_em"])
-        rise = best["test_source_nll"] - base["test_source_nll"]
-        removed = 1 - rise / lora_rise if lora_rise > 0 else None
-        matched = best["test_target_em"] >= lora["test_target_em"] - tolerance
-        verdict = (
-            f"λ={best['strength']:g}: test EM {best['test_target_em']:.3f} vs LoRA {lora['test_target_em']:.3f}"
-            f" ({'matched' if matched else 'NOT matched'}), source NLL rise {rise:+.4f} vs LoRA "
-            f"{lora_rise:+.4f}" + (f" ({removed:.0%} of LoRA's forgetting removed)" if removed is not None else "")
-        )
-        choices.append(
-            Choice(method, best["strength"], best["test_target_em"], best["test_source_nll"], removed, matched, verdict)
-        )
-    return choices
-
-
-def choices_json(choices: Sequence[Choice]) -> list[dict[str, Any]]:
-    """Choices as JSON data."""
-    return [asdict(c) for c in choices]

@@ -155,7 +155,7 @@ def _check_target(target: Path, overwrite: bool) -> None:
         shown = ", ".join(repr(n) for n in (foreign or names)[:3])
         reason = f"holds {shown}, not an earlier pull of an artifact"
     raise HubError(
-        f"local_dir {reason}; refusing to replace it (pass overwrite=True / --overwrite, or pick an empty folder)",
+        f"local_dir {reason}; refusing to replace it (pass `overwrite`, or pick an empty folder)",
         location=str(target),
     )
 
@@ -288,7 +288,7 @@ def _open_folder(root: Path, parts: tuple[str, ...], where: str) -> int:
                 info = os.stat(part, dir_fd=fd, follow_symlinks=False)
             except FileNotFoundError:
                 raise HubError(
-                    f"no laplace-hub artifact at {where} ({path} does not exist); check the repo and --subfolder",
+                    f"no laplace-hub artifact at {where} ({path} does not exist); check the repo and `subfolder`",
                     location=str(path),
                 ) from None
             if stat.S_ISLNK(info.st_mode):
@@ -352,7 +352,7 @@ def _read_manifest(folder: int, where: str, source: Path) -> bytes:
     fd = _open_file(folder, MANIFEST_NAME, where)
     if fd is None:
         raise HubError(
-            f"no laplace-hub artifact at {where} (no {MANIFEST_NAME}); check the repo and --subfolder",
+            f"no laplace-hub artifact at {where} (no {MANIFEST_NAME}); check the repo and `subfolder`",
             location=str(source),
         )
     with os.fdopen(fd, "rb") as f:
@@ -518,7 +518,7 @@ def _pull_remote(
             listing = _remote_sizes(api, repo_id, sub, sha)
             if listing is not None and MANIFEST_NAME not in listing:
                 raise HubError(
-                    f"no laplace-hub artifact at {where} (no {MANIFEST_NAME}); check the repo and --subfolder"
+                    f"no laplace-hub artifact at {where} (no {MANIFEST_NAME}); check the repo and `subfolder`"
                 )
             if listing is not None and listing[MANIFEST_NAME] > MAX_MANIFEST_BYTES:
                 raise ManifestError(
@@ -530,7 +530,7 @@ def _pull_remote(
             path = folder / MANIFEST_NAME
             if not path.is_file():
                 raise HubError(
-                    f"no laplace-hub artifact at {where} (no {MANIFEST_NAME}); check the repo and --subfolder"
+                    f"no laplace-hub artifact at {where} (no {MANIFEST_NAME}); check the repo and `subfolder`"
                 )
             if path.stat().st_size > MAX_MANIFEST_BYTES:
                 raise ManifestError(

@@ -84,7 +84,7 @@ def push(
     root = local_root(hub)
     if root is not None:
         if create_pr or revision not in (None, "main"):
-            raise HubError("a local hub has no branches or pull requests; drop --revision / --create-pr")
+            raise HubError("a local hub has no branches or pull requests; drop `revision` / `create_pr`")
         return _push_local(Path(folder), artifact, root, repo_id, sub, card, create_repo)
     return _push_remote(
         Path(folder),
@@ -111,7 +111,7 @@ def _push_local(
 ) -> PushResult:
     target = repo_path(root, repo_id, sub)
     if not create_repo and not repo_path(root, repo_id).is_dir():
-        raise HubError(f"no repo {repo_id} in the local hub {root}; pass --create-repo", location=str(root))
+        raise HubError(f"no repo {repo_id} in the local hub {root}; pass `create_repo`", location=str(root))
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = target.parent / f".{target.name}.push-{uuid.uuid4().hex[:8]}"
     try:
@@ -176,7 +176,7 @@ def _push_remote(
             commit_description="Published with `laplace-hub push`; see README.md in this folder.",
         )
     except RepositoryNotFoundError as e:
-        raise HubError(f"repo {repo_id} not found (or no access); pass --create-repo to create it") from e
+        raise HubError(f"repo {repo_id} not found (or no access); pass `create_repo` to create it") from e
     except RevisionNotFoundError as e:
         raise HubError(f"branch {revision!r} not found in {repo_id}") from e
     except HfHubHTTPError as e:

@@ -13,8 +13,9 @@ per-example gradients also feed a Nyström sketch ``F Ω`` (:mod:`laplace_hub.cu
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -36,12 +37,45 @@ class LoraInit:
     scaling: float
 
 
+@dataclass(frozen=True)
+class ParameterSums:
+    """One parameter's sums for a diagonal structure: ``Σₙ gₙ²`` and, for ``diag_lowrank``, ``Σₙ gₙ (gₙᵀ Ω)``."""
+
+    diagonal: Tensor
+    sketch: Tensor | None = None
+    directions: Tensor | None = None  # Ω, the same on every rank
+
+
+@dataclass(frozen=True)
+class ModuleSums:
+    """What the hooks summed at one module, not yet divided by any count (SPEC.md §6).
+
+    ``kron`` fills ``output`` (``Σ g gᵀ``) and, at the module whose input it is (``input_owner``:
+    q, k and v read one tensor and share one input covariance), ``input`` (``Σ x xᵀ``). Diagonal
+    structures fill ``parameters``: ``weight``, or ``lora_A`` and ``lora_B``.
+    """
+
+    input_owner: str
+    input: Tensor | None = None
+    output: Tensor | None = None
+    parameters: Mapping[str, ParameterSums] = field(default_factory=dict)
+
+    def tensors(self) -> list[Tensor]:
+        """The summed tensors in a fixed order, which every rank sums over the others (not Ω)."""
+        summed = [self.input, self.output]
+        for _, part in sorted(self.parameters.items()):
+            summed += [part.diagonal, part.sketch]
+        return [t for t in summed if t is not None]
+
+
 @dataclass
 class CurvatureAccumulator:
-    """Running sums per module; divided by the counts only when blocks are made.
+    """Running sums per module, read as :class:`ModuleSums` by :meth:`result`.
 
-    Before each forward, set :attr:`mask` (B, T): 1 where the position predicts a labelled token.
-    Then run forward and backward of the summed log-likelihood with the hooks attached.
+    Before each forward, call :meth:`new_batch` with the mask (B, T): 1 where the position predicts
+    a labelled token. Then run forward and one backward of the summed log-likelihood per label
+    draw, with the hooks attached; the input covariance is summed on the first backward only, since
+    inputs do not depend on the labels.
     """
 
     modules: dict[str, nn.Linear]
@@ -53,13 +87,16 @@ class CurvatureAccumulator:
     sketch_size: int = 0
     seed: int = 0
     dtype: torch.dtype = torch.float32
-    mask: Tensor | None = None
-    collect_inputs: bool = True
-    sums: dict[tuple[str, ...], Tensor] = field(default_factory=dict)
-    input_owner: dict[str, str] = field(default_factory=dict)
-    directions: dict[tuple[str, str], Tensor] = field(default_factory=dict)
-    _handles: list[torch.utils.hooks.RemovableHandle] = field(default_factory=list)
-    _seen_inputs: dict[int, str] = field(default_factory=dict)
+    _mask: Tensor | None = field(default=None, init=False, repr=False)
+    _inputs: dict[str, Tensor] = field(default_factory=dict, init=False, repr=False)
+    _outputs: dict[str, Tensor] = field(default_factory=dict, init=False, repr=False)
+    _diagonals: dict[tuple[str, str], Tensor] = field(default_factory=dict, init=False, repr=False)
+    _sketches: dict[tuple[str, str], Tensor] = field(default_factory=dict, init=False, repr=False)
+    _directions: dict[tuple[str, str], Tensor] = field(default_factory=dict, init=False, repr=False)
+    _input_owner: dict[str, str] = field(default_factory=dict, init=False, repr=False)
+    _inputs_summed: set[str] = field(default_factory=set, init=False, repr=False)
+    _handles: list[torch.utils.hooks.RemovableHandle] = field(default_factory=list, init=False, repr=False)
+    _seen_inputs: dict[int, str] = field(default_factory=dict, init=False, repr=False)
 
     def attach(self) -> None:
         """Register the forward hooks (they hook the outputs' gradients)."""
@@ -72,11 +109,30 @@ class CurvatureAccumulator:
             handle.remove()
         self._handles.clear()
 
+    def result(self) -> dict[str, ModuleSums]:
+        """The sums of every module; the tensors are the accumulator's own, so reducing them in place counts."""
+        return {
+            name: ModuleSums(
+                self._input_owner.get(name, name),
+                self._inputs.get(name),
+                self._outputs.get(name),
+                self._parameters(name),
+            )
+            for name in self.modules
+        }
+
+    def _parameters(self, name: str) -> dict[str, ParameterSums]:
+        return {
+            key[1]: ParameterSums(diagonal, self._sketches.get(key), self._directions.get(key))
+            for key, diagonal in self._diagonals.items()
+            if key[0] == name
+        }
+
     def _hook(self, name: str):  # type: ignore[no-untyped-def]
         def forward_hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
             x = inputs[0].detach()
             # Modules that read the same tensor (q/k/v) share one input covariance.
-            self.input_owner.setdefault(name, self._seen_inputs.setdefault(id(inputs[0]), name))
+            self._input_owner.setdefault(name, self._seen_inputs.setdefault(id(inputs[0]), name))
             if output.requires_grad:
                 output.register_hook(lambda g: self._add(name, x, g.detach()))
 
@@ -84,27 +140,29 @@ class CurvatureAccumulator:
 
     def new_batch(self, mask: Tensor) -> None:
         """Set the label mask of the next forward."""
-        self.mask = mask
+        self._mask = mask
         self._seen_inputs.clear()
+        self._inputs_summed.clear()
 
     def _add(self, name: str, x: Tensor, g: Tensor) -> None:
-        assert self.mask is not None, "call new_batch(mask) before the forward pass"
-        mask = self.mask.to(x.device, self.dtype).unsqueeze(-1)
+        assert self._mask is not None, "call new_batch(mask) before the forward pass"
+        mask = self._mask.to(x.device, self.dtype).unsqueeze(-1)
         x, g = x.to(self.dtype) * mask, g.to(self.dtype) * mask
         if self.structure == "kron" and not self.batch_gradient:
-            self._accumulate((name, "output"), self._output_cov(g))
-            if self.collect_inputs and self.input_owner[name] == name:
-                self._accumulate((name, "input"), self._input_cov(x))
+            _accumulate(self._outputs, name, self._output_cov(g))
+            if self._input_owner[name] == name and name not in self._inputs_summed:
+                self._inputs_summed.add(name)
+                _accumulate(self._inputs, name, self._input_cov(x))
             return
         for param, (xp, gp) in self._param_pairs(name, x, g).items():
             if self.batch_gradient:
-                self._accumulate((name, param), torch.einsum("bto,bti->oi", gp, xp).square())
+                _accumulate(self._diagonals, (name, param), torch.einsum("bto,bti->oi", gp, xp).square())
                 continue
-            omega = self._directions(name, param, gp, xp) if self.sketch_size else None
+            omega = self._omega(name, param, gp, xp) if self.sketch_size else None
             diagonal, sketch = self._diagonal(xp, gp, omega)
-            self._accumulate((name, param), diagonal)
+            _accumulate(self._diagonals, (name, param), diagonal)
             if sketch is not None:
-                self._accumulate((name, param, "sketch"), sketch)
+                _accumulate(self._sketches, (name, param), sketch)
 
     def _param_pairs(self, name: str, x: Tensor, g: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
         init = self.lora.get(name)
@@ -113,16 +171,13 @@ class CurvatureAccumulator:
         a, b = init.a.to(self.dtype), init.b.to(self.dtype)
         return {"lora_A": (x, init.scaling * g @ b), "lora_B": (x @ a.T, init.scaling * g)}
 
-    def _accumulate(self, key: tuple[str, ...], value: Tensor) -> None:
-        self.sums[key] = self.sums[key] + value if key in self.sums else value
-
-    def _directions(self, name: str, param: str, g: Tensor, x: Tensor) -> Tensor:
+    def _omega(self, name: str, param: str, g: Tensor, x: Tensor) -> Tensor:
         """The sketch's test directions ``Ω`` of one parameter, made once, where the gradients live."""
-        if (name, param) not in self.directions:
+        if (name, param) not in self._directions:
             shape = (g.shape[-1], x.shape[-1])
             omega = random_directions(f"{name}.{param}", self.sketch_size, shape, self.seed, self.dtype)
-            self.directions[(name, param)] = omega.to(g.device)
-        return self.directions[(name, param)]
+            self._directions[(name, param)] = omega.to(g.device)
+        return self._directions[(name, param)]
 
     def _diagonal(self, x: Tensor, g: Tensor, omega: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """``Σₙ gₙ²`` over examples and, given test directions ``Ω``, the sketch ``Σₙ gₙ (gₙᵀ Ω)``."""
@@ -147,10 +202,17 @@ class CurvatureAccumulator:
         return flat.T @ flat
 
     def _input_cov(self, x: Tensor) -> Tensor:
-        assert self.mask is not None
+        assert self._mask is not None
         if self.kfac_approx == "reduce":
-            lengths = self.mask.to(x.device, self.dtype).sum(1, keepdim=True).clamp_min(1)
+            lengths = self._mask.to(x.device, self.dtype).sum(1, keepdim=True).clamp_min(1)
             flat = x.sum(1) / lengths
         else:
             flat = x.reshape(-1, x.shape[-1])
         return flat.T @ flat
+
+
+K = TypeVar("K")
+
+
+def _accumulate(sums: dict[K, Tensor], key: K, value: Tensor) -> None:
+    sums[key] = sums[key] + value if key in sums else value

@@ -8,7 +8,8 @@ from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+
+from laplace_hub.producers.accumulate import ModuleSums
 
 C = TypeVar("C")
 
@@ -28,16 +29,17 @@ def rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
-def all_reduce_sums(sums: dict[tuple[str, ...], Tensor], counts: Mapping[str, C]) -> Mapping[str, C]:
-    """Sum tensors (in place) and integer counts over ranks; a no-op in a single process.
+def all_reduce_sums(sums: Mapping[str, ModuleSums], counts: Mapping[str, C]) -> Mapping[str, C]:
+    """Sum the modules' tensors (in place) and integer counts over ranks; a no-op in a single process.
 
-    Every rank must hold the same keys, so every rank must see at least one batch of every
+    Every rank must hold the same sums, so every rank must see at least one batch of every
     dataset (the producer checks this before it starts).
     """
     if rank_and_world()[1] == 1:
         return counts
-    for key in sorted(sums):
-        dist.all_reduce(sums[key], op=dist.ReduceOp.SUM)
+    for name in sorted(sums):
+        for tensor in sums[name].tensors():
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     fields = ("sequences", "tokens", "batches")
     flat = torch.tensor([[getattr(c, f) for f in fields] for c in counts.values()], dtype=torch.int64)
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)

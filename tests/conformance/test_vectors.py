@@ -17,19 +17,11 @@ import torch
 from laplace_hub.artifact import Artifact
 from laplace_hub.manifest import SPEC_VERSION, STRUCTURES, Manifest, manifest_json_schema
 from laplace_hub.validate import validate
-from tests.conftest import CONFORMANCE, CONFORMANCE_ROOT, ROOT, run_cli
+from tests.conftest import CONFORMANCE, CONFORMANCE_ROOT, ROOT, SUPERSEDED, run_cli
 
 VERSIONS = sorted(p.name for p in CONFORMANCE_ROOT.iterdir() if p.is_dir())
 SCHEMA_PATH = ROOT / "spec" / f"manifest-{SPEC_VERSION}.schema.json"
 
-# Vectors written for a 1.1 reader with "1.2" as the future minor. A 1.2 reader sees a manifest of
-# its own minor: the unknown field is an error, not a warning (§10), and the unknown structure is
-# not "a newer minor's" but simply not in the schema. They stay as the record of what a 1.1 reader
-# must do; this reader gives the verdict below instead (1.2/*/…-1.3 replace them for 1.2 readers).
-SUPERSEDED = {
-    "1.1/valid/newer-minor-1.2": "manifest.unknown_field",
-    "1.1/invalid/unknown-structure-newer-minor": "manifest.schema",
-}
 # Codes no vector in git can trigger: a base model to compare with (model.*), an OS error on a
 # read (file.unreadable: tests run as root, whom permissions do not stop). See make_conformance.py.
 NO_VECTOR = {"model.module_missing", "model.shape", "file.unreadable"}

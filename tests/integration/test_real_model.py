@@ -14,26 +14,22 @@ from tests.conftest import run_cli
 
 pytestmark = [pytest.mark.real_model, pytest.mark.slow]
 
+# K-FAC of SmolLM2 on two batches of two pydoc sequences: one process here, two under torchrun below
+COMPUTE = ["compute", "smollm2", "--data", "pydoc=stdlib:pydoc", "--targets", "q_proj,v_proj"]
+COMPUTE += ["--num-batches", "2", "--batch-size", "2", "--max-length", "32"]
 
-def test_compute_on_smollm2_writes_a_valid_artifact(tmp_path: Path) -> None:
-    out = tmp_path / "artifact"
-    result = run_cli(
-        "compute",
-        "smollm2",
-        "--data",
-        "pydoc=stdlib:pydoc",
-        "--out",
-        str(out),
-        "--targets",
-        "q_proj,v_proj",
-        "--num-batches",
-        "2",
-        "--batch-size",
-        "2",
-        "--max-length",
-        "32",
-        "--json",
-    )
+
+@pytest.fixture(scope="module")
+def pydoc_kfac(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    """The one-process artifact, computed once: loading SmolLM2 costs each process ~20 s."""
+    out = tmp_path_factory.mktemp("pydoc_kfac") / "artifact"
+    with pytest.MonkeyPatch.context() as mp:  # what the function-scoped _isolated_caches does for a test
+        mp.setenv("HF_HOME", str(tmp_path_factory.mktemp("hf_home")))
+        return out, run_cli(*COMPUTE, "--out", str(out), "--json")
+
+
+def test_compute_on_smollm2_writes_a_valid_artifact(pydoc_kfac: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
+    out, result = pydoc_kfac
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.loads(result.stdout)
     assert summary["valid"] and summary["modules"] == 60
@@ -83,23 +79,11 @@ def test_data_free_self_samples(tmp_path: Path) -> None:
 
 
 @pytest.mark.distributed
-def test_torchrun_two_processes_equal_one(tmp_path: Path) -> None:
-    common = [
-        "compute",
-        "smollm2",
-        "--data",
-        "pydoc=stdlib:pydoc",
-        "--targets",
-        "v_proj",
-        "--num-batches",
-        "4",
-        "--batch-size",
-        "2",
-        "--max-length",
-        "24",
-    ]
-    one = run_cli(*common, "--out", str(tmp_path / "one"))
-    assert one.returncode == 0, one.stderr[-2000:]
+def test_torchrun_two_processes_equal_one(
+    tmp_path: Path, pydoc_kfac: tuple[Path, subprocess.CompletedProcess[str]]
+) -> None:
+    one, result = pydoc_kfac
+    assert result.returncode == 0, result.stderr[-2000:]
     two = subprocess.run(
         [
             sys.executable,
@@ -109,7 +93,7 @@ def test_torchrun_two_processes_equal_one(tmp_path: Path) -> None:
             "2",
             "-m",
             "laplace_hub.cli",
-            *common,
+            *COMPUTE,  # one batch per rank
             "--out",
             str(tmp_path / "two"),
         ],
@@ -118,7 +102,7 @@ def test_torchrun_two_processes_equal_one(tmp_path: Path) -> None:
         timeout=600,
     )
     assert two.returncode == 0, two.stderr[-2000:]
-    a, b = Artifact.open(tmp_path / "one"), Artifact.open(tmp_path / "two")
+    a, b = Artifact.open(one), Artifact.open(tmp_path / "two")
     assert a.manifest.datasets == b.manifest.datasets
     for name in a.manifest.modules:
         for side in ("input", "output"):
@@ -128,7 +112,7 @@ def test_torchrun_two_processes_equal_one(tmp_path: Path) -> None:
 
 
 def test_shortened_demo_end_to_end(tmp_path: Path) -> None:
-    result = run_cli("demo", "--steps", "2", "--seeds", "0", "--strengths", "10", "--out", str(tmp_path), "--json")
+    result = run_cli("demo", "--steps", "1", "--seeds", "0", "--strengths", "10", "--out", str(tmp_path), "--json")
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout)
     assert [c["method"] for c in report["choices"]] == ["kron"]
@@ -153,9 +137,15 @@ def test_diag_lowrank_on_smollm2_and_merge(tmp_path: Path) -> None:
 
 
 def test_shortened_continual_run(tmp_path: Path) -> None:
-    result = run_cli("continual", "--steps", "2", "--seeds", "0", "--out", str(tmp_path), "--json")
+    # every size at its least: ~40 s on an idle 2-core machine (half of it loading SmolLM2), under
+    # 2 min on a busy one; run_cli's 600 s timeout is a hang guard, not a speed check
+    sizes = ["--steps", "1", "--seeds", "0", "--test-problems", "4", "--curvature-batches", "1"]
+    sizes += ["--eval-batches", "1", "--max-length", "16"]
+    result = run_cli("continual", *sizes, "--out", str(tmp_path), "--json")
     assert result.returncode == 0, result.stderr[-2000:]
-    summary = json.loads(result.stdout)["summary"]
+    report = json.loads(result.stdout)
+    assert report["config"]["n_test"] == 4 and report["config"]["source"]["curvature_batches"] == 1
+    summary = report["summary"]
     assert [s["variant"] for s in summary] == [
         "base model",
         "after task 1",

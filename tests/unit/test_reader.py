@@ -137,3 +137,21 @@ def test_reading_runs_each_rule_once(tmp_path: Path, monkeypatch: pytest.MonkeyP
     monkeypatch.setattr("laplace_hub.artifact.artifact.read", reader.read)
     Artifact.open(CONFORMANCE / "valid" / "weight-kron", verify_checksums=True)
     assert len(calls) == 1
+
+
+def test_merging_a_posterior_whose_parts_share_keys_across_datasets_doubles_it(tmp_path: Path) -> None:
+    """Dropping old part prefixes must not make ``0/x`` and ``1/x`` one key (found by the fuzzer)."""
+    folder = tmp_path / "merged"
+    shutil.copytree(CONFORMANCE_ROOT / "1.1" / "valid" / "merged-kron", folder)
+
+    def swap(manifest: dict) -> None:  # k_proj's two datasets read each other's Σx (same shape: valid)
+        first, second = manifest["modules"]["model.layers.0.self_attn.k_proj"]["blocks"]
+        first["input"], second["input"] = second["input"], first["input"]
+
+    _edit(folder, swap)
+    artifact = Artifact.open(folder)
+    doubled = merge(artifact, artifact).save(tmp_path / "twice")
+    delta = torch.randn(2, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    name = "model.layers.0.self_attn.k_proj"
+    once = artifact.block(name, dtype=torch.float64).quad(delta)
+    assert torch.allclose(doubled.block(name, dtype=torch.float64).quad(delta), 2 * once, rtol=1e-9)

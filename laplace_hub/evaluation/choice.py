@@ -1,0 +1,94 @@
+"""Choosing λ: mean and spread over seeds, then one strength per method picked on validation means.
+
+The choice is made on validation data and reported on test data, as the LaLoRA paper does, so
+that the reported numbers are not the ones λ was tuned on.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+from laplace_hub.errors import LaplaceHubError
+
+METRICS = ("target_em", "source_nll", "source_accuracy")
+
+
+def summarize(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Mean and standard deviation over seeds of every metric, per (method, strength)."""
+    groups: dict[tuple[str, float], list[Mapping[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["method"], row["strength"]), []).append(row)
+    summary = []
+    for (method, strength), members in groups.items():
+        entry: dict[str, Any] = {"method": method, "strength": strength, "seeds": len(members)}
+        for split in ("val", "test"):
+            for metric in METRICS:
+                values = [m[f"{split}_{metric}"] for m in members]
+                entry[f"{split}_{metric}"] = statistics.fmean(values)
+                entry[f"{split}_{metric}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        entry["seconds"] = statistics.fmean(m["seconds"] for m in members)
+        summary.append(entry)
+    return summary
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The strength chosen for one method on validation data, and how it fares on test data."""
+
+    method: str
+    strength: float
+    test_target_em: float
+    test_source_nll: float
+    forgetting_removed: float | None
+    matched: bool
+    verdict: str
+
+
+def choose(
+    summary: Sequence[Mapping[str, Any]],
+    priority: Literal["retention", "learning"] = "retention",
+    tolerance: float = 0.01,
+    budget: float | None = None,
+) -> list[Choice]:
+    """Pick λ per method on validation means.
+
+    * ``retention``: the lowest validation source NLL among strengths whose validation target
+      exact match is within ``tolerance`` of plain LoRA's (matched learning).
+    * ``learning``: the best validation target exact match among strengths whose validation source
+      NLL rises by at most ``budget`` over the base model.
+    """
+    by = {(s["method"], s["strength"]): s for s in summary}
+    base, lora = by.get(("base", 0.0)), by.get(("lora", 0.0))
+    if base is None or lora is None:
+        raise LaplaceHubError("choosing λ needs the base model's and plain LoRA's rows")
+    lora_rise = lora["test_source_nll"] - base["test_source_nll"]
+    choices = []
+    for method in dict.fromkeys(s["method"] for s in summary if s["method"] not in ("base", "lora")):
+        candidates = [s for s in summary if s["method"] == method]
+        if priority == "retention":
+            ok = [s for s in candidates if s["val_target_em"] >= lora["val_target_em"] - tolerance] or candidates
+            best = min(ok, key=lambda s: s["val_source_nll"])
+        else:
+            limit = base["val_source_nll"] + (budget if budget is not None else lora_rise / 2)
+            ok = [s for s in candidates if s["val_source_nll"] <= limit] or candidates
+            best = max(ok, key=lambda s: s["val_target_em"])
+        rise = best["test_source_nll"] - base["test_source_nll"]
+        removed = 1 - rise / lora_rise if lora_rise > 0 else None
+        matched = best["test_target_em"] >= lora["test_target_em"] - tolerance
+        verdict = (
+            f"λ={best['strength']:g}: test EM {best['test_target_em']:.3f} vs LoRA {lora['test_target_em']:.3f}"
+            f" ({'matched' if matched else 'NOT matched'}), source NLL rise {rise:+.4f} vs LoRA "
+            f"{lora_rise:+.4f}" + (f" ({removed:.0%} of LoRA's forgetting removed)" if removed is not None else "")
+        )
+        choices.append(
+            Choice(method, best["strength"], best["test_target_em"], best["test_source_nll"], removed, matched, verdict)
+        )
+    return choices
+
+
+def choices_json(choices: Sequence[Choice]) -> list[dict[str, Any]]:
+    """Choices as JSON data."""
+    return [asdict(c) for c in choices]
