@@ -8,12 +8,12 @@ from typing import Any
 from pydantic import ValidationError
 
 from laplace_hub.artifact.findings import Sink
+from laplace_hub.artifact.structures import REGISTRY, codec_for
 from laplace_hub.errors import LaplaceHubError
 from laplace_hub.manifest import (
     INTRODUCED_IN,
     MIN_DATASET_WEIGHT,
     SPEC_VERSION,
-    KronTridiagBlockEntry,
     LoraParameterization,
     Manifest,
     ModuleEntry,
@@ -22,6 +22,8 @@ from laplace_hub.manifest import (
     parse_version,
     unknown_fields,
 )
+
+_PAIRS = " or ".join(name for name, codec in REGISTRY.items() if codec.pair)  # structures of a whole LoRA pair
 
 
 def parse_into(report: Sink, raw: Any) -> Manifest | None:
@@ -75,6 +77,8 @@ def _check_lineage(report: Sink, m: Manifest) -> None:
         return
     if m.datasets_combined != "separate":
         report.add("manifest.lineage", "datasets_combined", "a merged posterior keeps each task's datasets separate")
+    if isinstance(m.parameterization, LoraParameterization):
+        report.add("manifest.lineage", "parameterization", "only weight-space curvature merges across tasks")
     named = Counter(name for entry in m.lineage for name in entry.datasets)
     datasets = {d.name for d in m.datasets}
     for name in sorted(datasets - set(named)):
@@ -90,7 +94,7 @@ def _check_estimator(report: Sink, m: Manifest) -> None:
     est = m.estimator
     if (est.kind == "mc") != (est.mc_samples is not None):
         report.add("manifest.estimator", "estimator.mc_samples", "mc_samples is required for mc and only for mc")
-    kron = any(b.structure.startswith("kron") for module in m.modules.values() for b in module.blocks)
+    kron = any(codec_for(b).kronecker for module in m.modules.values() for b in module.blocks)
     if kron and m.kfac_approx is None:
         report.add("manifest.kfac_approx", "kfac_approx", "Kronecker blocks need kfac_approx (expand or reduce)")
     if m.kfac_approx == "reduce" and m.normalization == "per_token":
@@ -129,8 +133,8 @@ def _check_module(report: Sink, m: Manifest, name: str, module: ModuleEntry) -> 
             report.add(
                 "manifest.param", at, f"param {block.param!r} does not fit parameterization {m.parameterization.kind!r}"
             )
-        if isinstance(block, KronTridiagBlockEntry) != (block.param == "lora_AB"):
-            report.add("manifest.param", at, "kron_tridiag covers param lora_AB, and only it does")
+        if codec_for(block).pair != (block.param == "lora_AB"):
+            report.add("manifest.param", at, f"{_PAIRS} covers param lora_AB, and only it does")
         params = covered.setdefault(block.dataset, set())
         if block.param in params:
             report.add("manifest.param", at, f"param {block.param!r} is covered twice for this dataset")
