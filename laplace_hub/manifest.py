@@ -11,7 +11,7 @@ import re
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, StringConstraints
 from pydantic import ValidationError as _PydanticValidationError
@@ -36,6 +36,8 @@ DatasetName = Annotated[
 ]
 Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 Param = Literal["weight", "lora_A", "lora_B", "lora_AB"]
+Role = Literal["diagonal", "lowrank", "factor", "eigenvalues", "eigenvectors", "cross", "init"]
+TensorShapes = Iterator[tuple[str, tuple[int, ...], Role]]
 
 
 class _Model(BaseModel):
@@ -64,12 +66,36 @@ class _BlockBase(_Model):
     param: Param
     dataset: DatasetName | None = None
 
+    # The spec version that added the structure (SPEC.md §10); see INTRODUCED_IN.
+    introduced_in: ClassVar[str] = "1.0"
+
+    def dims(self, shape: list[int] | tuple[int, int], rank: int | None, where: str = "") -> tuple[int, int]:
+        """(d_out, d_in) of the matrix the block covers in a module of ``shape``, at LoRA ``rank``."""
+        if self.param == "lora_AB":
+            raise ManifestError("param 'lora_AB' needs structure kron_tridiag", location=where, code="manifest.param")
+        return _param_dims(self.param, shape, rank, where)
+
+    def tensors(self, shape: list[int], rank: int | None, where: str) -> TensorShapes:
+        """Every tensor the entry references: its key, the shape the manifest implies, and its role.
+
+        Raises:
+            ManifestError: the block does not fit the module or the parameterization.
+
+        """
+        yield from self._matrix_tensors(self.dims(shape, rank, where), where)
+
+    def _matrix_tensors(self, dims: tuple[int, int], where: str) -> TensorShapes:
+        raise NotImplementedError
+
 
 class DiagBlockEntry(_BlockBase):
     """Diagonal precision: one value per parameter entry."""
 
     structure: Literal["diag"]
     diagonal: TensorKey
+
+    def _matrix_tensors(self, dims: tuple[int, int], where: str) -> TensorShapes:
+        yield self.diagonal, dims, "diagonal"
 
 
 class DiagLowRankBlockEntry(_BlockBase):
@@ -80,6 +106,17 @@ class DiagLowRankBlockEntry(_BlockBase):
     lowrank: TensorKey
     rank: PositiveInt
 
+    introduced_in: ClassVar[str] = "1.1"
+
+    def _matrix_tensors(self, dims: tuple[int, int], where: str) -> TensorShapes:
+        d_out, d_in = dims
+        yield self.diagonal, dims, "diagonal"
+        if self.rank > d_out * d_in:
+            raise ManifestError(
+                f"low rank {self.rank} exceeds the {d_out * d_in} entries it spans", location=where
+            )  # manifest.schema: out of range
+        yield self.lowrank, (self.rank, d_out, d_in), "lowrank"
+
 
 class KronBlockEntry(_BlockBase):
     """Kronecker precision ``Σg ⊗ Σx`` over the row-major vec of the parameter."""
@@ -88,6 +125,11 @@ class KronBlockEntry(_BlockBase):
     input: FactorRef
     output: FactorRef
 
+    def _matrix_tensors(self, dims: tuple[int, int], where: str) -> TensorShapes:
+        d_out, d_in = dims
+        yield self.input.key, _factor_shape(self.input, d_in), "factor"
+        yield self.output.key, _factor_shape(self.output, d_out), "factor"
+
 
 class KronEigBlockEntry(_BlockBase):
     """Kronecker precision whose factors are eigen-truncated."""
@@ -95,6 +137,14 @@ class KronEigBlockEntry(_BlockBase):
     structure: Literal["kron_eig"]
     input: EigenFactorRef
     output: EigenFactorRef
+
+    def _matrix_tensors(self, dims: tuple[int, int], where: str) -> TensorShapes:
+        d_out, d_in = dims
+        for ref, n in ((self.input, d_in), (self.output, d_out)):
+            if ref.rank > n:
+                raise ManifestError(f"eigen rank {ref.rank} exceeds dimension {n}", location=where)
+            yield ref.eigenvalues, (ref.rank,), "eigenvalues"
+            yield ref.eigenvectors, (n, ref.rank), "eigenvectors"
 
 
 class KronTridiagBlockEntry(_BlockBase):
@@ -108,12 +158,25 @@ class KronTridiagBlockEntry(_BlockBase):
     cross_input: TensorKey
     cross_output: TensorKey
 
+    def tensors(self, shape: list[int], rank: int | None, where: str) -> TensorShapes:
+        if rank is None:
+            raise ManifestError("kron_tridiag needs the lora parameterization", location=where, code="manifest.param")
+        d_out, d_in = shape
+        yield self.a_input.key, _factor_shape(self.a_input, d_in), "factor"
+        yield self.a_output.key, _factor_shape(self.a_output, rank), "factor"
+        yield self.b_input.key, _factor_shape(self.b_input, rank), "factor"
+        yield self.b_output.key, _factor_shape(self.b_output, d_out), "factor"
+        yield self.cross_input, (d_in, rank), "cross"
+        yield self.cross_output, (rank, d_out), "cross"
+
 
 BlockEntry = Annotated[
     DiagBlockEntry | DiagLowRankBlockEntry | KronBlockEntry | KronEigBlockEntry | KronTridiagBlockEntry,
     Field(discriminator="structure"),
 ]
-STRUCTURES = ("diag", "diag_lowrank", "kron", "kron_eig", "kron_tridiag")
+BLOCK_ENTRIES: tuple[type[_BlockBase], ...] = get_args(get_args(BlockEntry)[0])
+# The structure names, in the union's order: each entry model's ``structure`` literal.
+STRUCTURES: tuple[str, ...] = tuple(get_args(e.model_fields["structure"].annotation)[0] for e in BLOCK_ENTRIES)
 
 
 class LoraInitRef(_Model):
@@ -226,7 +289,14 @@ class Manifest(_Model):
 
 
 # What each minor added: a manifest using these needs at least that spec_version (SPEC.md §10).
-INTRODUCED_IN = {"structure diag_lowrank": "1.1", "field lineage": "1.1"}
+INTRODUCED_IN = {
+    **{
+        f"structure {name}": e.introduced_in
+        for name, e in zip(STRUCTURES, BLOCK_ENTRIES, strict=True)
+        if e.introduced_in != "1.0"
+    },
+    "field lineage": "1.1",
+}
 
 
 def features(manifest: Manifest) -> set[str]:
@@ -261,7 +331,7 @@ class TensorSpec:
 
     shape: tuple[int, ...]
     dtype: str
-    role: Literal["diagonal", "lowrank", "factor", "eigenvalues", "eigenvectors", "cross", "init"]
+    role: Role
     where: str
     module: str
 
@@ -359,7 +429,7 @@ def parse_manifest(raw: dict[str, Any]) -> Manifest:
     return manifest
 
 
-def _param_dims(param: Param, shape: list[int], rank: int | None, where: str) -> tuple[int, int]:
+def _param_dims(param: Param, shape: list[int] | tuple[int, int], rank: int | None, where: str) -> tuple[int, int]:
     """(d_out, d_in) of the matrix a block covers."""
     d_out, d_in = shape
     if param == "weight":
@@ -371,45 +441,6 @@ def _param_dims(param: Param, shape: list[int], rank: int | None, where: str) ->
 
 def _factor_shape(ref: FactorRef, n: int) -> tuple[int, ...]:
     return (n * (n + 1) // 2,) if ref.packed else (n, n)
-
-
-def _block_tensors(
-    block: BlockEntry, shape: list[int], rank: int | None, dtype: str, where: str, module: str
-) -> Iterator[tuple[str, TensorSpec]]:
-    def spec(shape: tuple[int, ...], role: Any) -> TensorSpec:
-        return TensorSpec(shape, dtype, role, where, module)
-
-    if isinstance(block, KronTridiagBlockEntry):
-        if rank is None:
-            raise ManifestError("kron_tridiag needs the lora parameterization", location=where, code="manifest.param")
-        d_out, d_in = shape
-        yield block.a_input.key, spec(_factor_shape(block.a_input, d_in), "factor")
-        yield block.a_output.key, spec(_factor_shape(block.a_output, rank), "factor")
-        yield block.b_input.key, spec(_factor_shape(block.b_input, rank), "factor")
-        yield block.b_output.key, spec(_factor_shape(block.b_output, d_out), "factor")
-        yield block.cross_input, spec((d_in, rank), "cross")
-        yield block.cross_output, spec((rank, d_out), "cross")
-        return
-    if block.param == "lora_AB":
-        raise ManifestError("param 'lora_AB' needs structure kron_tridiag", location=where, code="manifest.param")
-    d_out, d_in = _param_dims(block.param, shape, rank, where)
-    if isinstance(block, DiagBlockEntry | DiagLowRankBlockEntry):
-        yield block.diagonal, spec((d_out, d_in), "diagonal")
-        if isinstance(block, DiagLowRankBlockEntry):
-            if block.rank > d_out * d_in:
-                raise ManifestError(
-                    f"low rank {block.rank} exceeds the {d_out * d_in} entries it spans", location=where
-                )  # manifest.schema: out of range
-            yield block.lowrank, spec((block.rank, d_out, d_in), "lowrank")
-    elif isinstance(block, KronBlockEntry):
-        yield block.input.key, spec(_factor_shape(block.input, d_in), "factor")
-        yield block.output.key, spec(_factor_shape(block.output, d_out), "factor")
-    else:
-        for ref, n in ((block.input, d_in), (block.output, d_out)):
-            if ref.rank > n:
-                raise ManifestError(f"eigen rank {ref.rank} exceeds dimension {n}", location=where)
-            yield ref.eigenvalues, spec((ref.rank,), "eigenvalues")
-            yield ref.eigenvectors, spec((n, ref.rank), "eigenvectors")
 
 
 def expected_tensors(manifest: Manifest) -> dict[str, TensorSpec]:
@@ -437,8 +468,8 @@ def expected_tensors(manifest: Manifest) -> dict[str, TensorSpec]:
     for name, module in manifest.modules.items():
         for index, block in enumerate(module.blocks):
             where = f"modules.{name}.blocks.{index}"
-            for key, spec in _block_tensors(block, module.shape, rank, manifest.dtype, where, name):
-                add(key, spec)
+            for key, shape, role in block.tensors(module.shape, rank, where):
+                add(key, TensorSpec(shape, manifest.dtype, role, where, name))
         if module.lora_init is not None and isinstance(lora, LoraParameterization):
             d_out, d_in = module.shape
             where = f"modules.{name}.lora_init"

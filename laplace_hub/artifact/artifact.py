@@ -10,22 +10,15 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from laplace_hub.artifact.codec import as_dtype, decode_tridiag, decode_weight_block
+from laplace_hub.artifact.codec import as_dtype
 from laplace_hub.artifact.files import DEFAULT_MAX_BYTES
 from laplace_hub.artifact.findings import FirstError, Sink
 from laplace_hub.artifact.reader import DiskTensors, read
 from laplace_hub.artifact.store import DEFAULT_MAX_SHARD_BYTES, tensor_dtype, write_artifact
-from laplace_hub.artifact.values import check_cross, check_tail
-from laplace_hub.curvature import Block, LoraPairBlock
-from laplace_hub.errors import ArtifactError
-from laplace_hub.manifest import (
-    KronEigBlockEntry,
-    KronTridiagBlockEntry,
-    LoraParameterization,
-    Manifest,
-    ModuleEntry,
-    expected_tensors,
-)
+from laplace_hub.artifact.structures import Context, codec_for
+from laplace_hub.curvature import Block, LoraPairBlock, WeightBlock
+from laplace_hub.errors import ArtifactError, StructureError
+from laplace_hub.manifest import LoraParameterization, Manifest, ModuleEntry, expected_tensors
 
 
 class HubLayer(Protocol):
@@ -170,26 +163,17 @@ class Artifact:
         return total
 
     def _decode(self, module: ModuleEntry, entries: list[Any], get: Callable[[str], Tensor]) -> Block:
-        shape = (module.shape[0], module.shape[1])
+        """One dataset's block: its single entry's, or the LoRA pair of its ``lora_A`` and ``lora_B`` entries."""
         lora = self.manifest.parameterization
-        dtype = self.manifest.dtype
-        if self._sink is not None:
-            for entry in entries:
-                for ref in (entry.input, entry.output) if isinstance(entry, KronEigBlockEntry) else ():
-                    check_tail(self._sink, ref.eigenvalues, get(ref.eigenvalues), ref.tail, dtype)
-        if not isinstance(lora, LoraParameterization):
-            return decode_weight_block(entries[0], shape, get, dtype)
-        if isinstance(entries[0], KronTridiagBlockEntry):
-            block, norm = decode_tridiag(entries[0], shape, lora.rank, get, dtype)
-            if self._sink is not None:
-                check_cross(self._sink, entries[0].cross_output, norm)
-            return block
-        by_param = {e.param: e for e in entries}
-        d_out, d_in = shape
-        return LoraPairBlock(
-            decode_weight_block(by_param["lora_A"], (lora.rank, d_in), get, dtype),
-            decode_weight_block(by_param["lora_B"], (d_out, lora.rank), get, dtype),
-        )
+        rank = lora.rank if isinstance(lora, LoraParameterization) else None
+        at = Context((module.shape[0], module.shape[1]), rank, self.manifest.dtype)
+        decoded = {e.param: codec_for(e).decode(e, at, get, self._sink) for e in entries}
+        if "lora_A" not in decoded and "lora_B" not in decoded:
+            return next(iter(decoded.values()))
+        a, b = decoded["lora_A"], decoded["lora_B"]
+        if not (isinstance(a, WeightBlock) and isinstance(b, WeightBlock)):
+            raise StructureError("a LoRA pair stored as lora_A and lora_B needs a single-matrix block for each")
+        return LoraPairBlock(a, b)
 
     def lora_init(self, module: str) -> tuple[Tensor, Tensor]:
         """The stored LoRA init ``(A₀, B₀)`` of a module (lora parameterization only)."""

@@ -24,6 +24,7 @@ from torch import Tensor
 from laplace_hub.artifact.artifact import Artifact
 from laplace_hub.artifact.builder import software_versions
 from laplace_hub.artifact.store import tensor_dtype
+from laplace_hub.artifact.structures import codec_for
 from laplace_hub.artifact.values import widened_factor
 from laplace_hub.errors import ArtifactError
 from laplace_hub.manifest import (
@@ -45,8 +46,6 @@ from laplace_hub.manifest import (
     manifest_json,
     unknown_fields,
 )
-
-KEY_FIELDS = frozenset({"key", "diagonal", "lowrank", "eigenvalues", "eigenvectors", "cross_input", "cross_output"})
 
 
 @dataclass(frozen=True)
@@ -106,13 +105,14 @@ def _rekey(entry: BlockEntry, dataset: str, rename: _Renames, prefix: str, merge
 
     Keys of an already merged artifact lose their old ``<index>/`` prefix, so they do not grow.
     """
+    key_fields = codec_for(entry).key_fields
 
     def walk(node: Any) -> Any:
         if not isinstance(node, dict):
             return node
         out = {}
         for name, value in node.items():
-            if name in KEY_FIELDS and isinstance(value, str):
+            if name in key_fields and isinstance(value, str):
                 value = rename.new.get(value) or rename.add(value, prefix, merged)
             out[name] = walk(value)
         return out

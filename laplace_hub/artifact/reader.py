@@ -13,21 +13,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors import safe_open
 from torch import Tensor
 
-from laplace_hub.artifact.codec import decode_tridiag
 from laplace_hub.artifact.files import DEFAULT_MAX_BYTES, MAX_MANIFEST_BYTES, read_json_bounded, regular_size
 from laplace_hub.artifact.findings import Sink
 from laplace_hub.artifact.rules_files import Layout, check_files, check_tensors, read_layout
 from laplace_hub.artifact.rules_manifest import check_semantics, parse_into
-from laplace_hub.artifact.values import check_cross, check_tail, check_tensor
+from laplace_hub.artifact.structures import Context, codec_for
+from laplace_hub.artifact.values import check_tensor
 from laplace_hub.errors import ArtifactError, LaplaceHubError
 from laplace_hub.manifest import (
     MANIFEST_NAME,
-    KronEigBlockEntry,
-    KronTridiagBlockEntry,
     LoraParameterization,
     Manifest,
     TensorSpec,
@@ -116,25 +113,17 @@ class DiskTensors:
 
 
 def check_blocks(sink: Sink, reading: Reading, get: DiskTensors) -> None:
-    """The rules across a block's tensors: eigenvalues against their tail, kron_tridiag as a whole."""
+    """The rules across a block's tensors (each structure's own: e.g. eigenvalues against their tail)."""
     manifest = reading.manifest
     lora = manifest.parameterization
+    rank = lora.rank if isinstance(lora, LoraParameterization) else None
     layout = reading.layout
 
-    def readable(*keys: str) -> bool:
-        usable = (key in layout.files and not {key, layout.files[key]} & layout.broken for key in keys)
-        return all(usable) and not get.failed & set(keys)
+    def readable(key: str) -> Tensor | None:
+        usable = key in layout.files and not {key, layout.files[key]} & layout.broken and key not in get.failed
+        return get(key) if usable else None
 
     for name, module in manifest.modules.items():
+        at = Context((module.shape[0], module.shape[1]), rank, manifest.dtype)
         for index, entry in enumerate(module.blocks):
-            where = f"modules.{name}.blocks.{index}"
-            if isinstance(entry, KronEigBlockEntry):
-                for side, ref in (("input", entry.input), ("output", entry.output)):
-                    if readable(ref.eigenvalues):
-                        check_tail(sink, f"{where}.{side}", get(ref.eigenvalues), ref.tail, manifest.dtype)
-            elif isinstance(entry, KronTridiagBlockEntry) and isinstance(lora, LoraParameterization):
-                refs = (entry.a_input, entry.a_output, entry.b_input, entry.b_output)
-                if readable(*(r.key for r in refs), entry.cross_input, entry.cross_output):
-                    getter = lambda key: get(key).to(torch.float64)  # noqa: E731
-                    shape = (module.shape[0], module.shape[1])
-                    check_cross(sink, where, decode_tridiag(entry, shape, lora.rank, getter, manifest.dtype)[1])
+            codec_for(entry).check(sink, f"modules.{name}.blocks.{index}", entry, at, readable)

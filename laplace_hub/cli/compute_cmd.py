@@ -16,6 +16,7 @@ from laplace_hub.manifest import BaseModelInfo
 from laplace_hub.models import SMOLLM2_REPO_ID, load_model, select_targets
 from laplace_hub.producers import ComputeOptions, compute_artifact
 from laplace_hub.producers.distributed import init_from_env, rank_and_world
+from laplace_hub.producers.options import COMPUTED_STRUCTURES
 from laplace_hub.validate import validate
 
 # library parameter (as its errors name it) → this command's flag; `--rank` sets whichever rank applies
@@ -64,7 +65,7 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--out", required=True, help="the artifact folder to write")
     p.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj", help="module names or 'all-linear'")
-    p.add_argument("--structure", choices=["diag", "diag_lowrank", "kron", "kron_tridiag"], default="kron")
+    p.add_argument("--structure", choices=COMPUTED_STRUCTURES, default="kron")
     p.add_argument(
         "--rank",
         type=int,

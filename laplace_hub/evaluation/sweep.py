@@ -28,13 +28,12 @@ from laplace_hub.manifest import BaseModelInfo
 from laplace_hub.models import select_targets
 from laplace_hub.producers import ComputeOptions, compute_artifact
 
+# methods that read the weight-space artifact of the structure they are named after
+STRUCTURE_METHODS = ("diag", "diag_lowrank", "kron", "kron_eig")
 METHODS = (
     "lora",
     "l2",
-    "diag",
-    "diag_lowrank",
-    "kron",
-    "kron_eig",
+    *STRUCTURE_METHODS,
     "lora_init",
     "mtt",
     "milora",
@@ -50,13 +49,7 @@ OWN_GRIDS = {
     "migu": (0.25, 0.5, 0.75),
 }
 # which weight-space artifact each method reads; lora_init is the paper's LaLoRA (diag at the init)
-ARTIFACT_FOR = {
-    "diag": "diag",
-    "diag_lowrank": "diag_lowrank",
-    "kron": "kron",
-    "kron_eig": "kron_eig",
-    "lora_init": "diag",
-}
+ARTIFACT_FOR = {**{m: m for m in STRUCTURE_METHODS}, "lora_init": "diag"}
 
 
 @dataclass(frozen=True)

@@ -8,12 +8,16 @@ Functions take the part they need (the accumulator never sees how the artifact i
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 
 from laplace_hub.artifact.store import tensor_dtype
 from laplace_hub.errors import LaplaceHubError
+
+# The structures a producer computes (kron_eig is kron with ``eig_rank``): a subset of the manifest's.
+ComputedStructure = Literal["diag", "diag_lowrank", "kron", "kron_tridiag"]
+COMPUTED_STRUCTURES: tuple[str, ...] = get_args(ComputedStructure)
 
 
 @dataclass(frozen=True)
@@ -25,7 +29,7 @@ class CurvatureOptions:
     ``seed`` draws the MC labels, the sketch's directions and the LoRA init.
     """
 
-    structure: Literal["diag", "diag_lowrank", "kron", "kron_tridiag"] = "kron"
+    structure: ComputedStructure = "kron"
     estimator: Literal["empirical", "mc", "batch_empirical"] = "empirical"
     mc_samples: int = 1
     normalization: Literal["per_sequence", "per_token"] = "per_sequence"
