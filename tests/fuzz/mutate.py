@@ -953,9 +953,8 @@ def _st_shape_edit(ctx: Ctx) -> None:
     _st_edit(ctx, fn)
 
 
-@mutation("safetensors.dtype_object", 0, weight=1.5)
-def _st_dtype_object(ctx: Ctx) -> None:
-    value = ctx.pick("value", [{}, [], None, 4, ["F32"], True])
+def _set_some_dtype(ctx: Ctx, value: Any) -> None:
+    """One tensor's header dtype becomes ``value``."""
 
     def fn(header: dict[str, Any], data: bytes) -> tuple[Any, bytes]:
         entries = tensor_entries(header)
@@ -965,20 +964,18 @@ def _st_dtype_object(ctx: Ctx) -> None:
         return header, data
 
     _st_edit(ctx, fn)
+
+
+@mutation("safetensors.dtype_object", 0, weight=1.5)
+def _st_dtype_object(ctx: Ctx) -> None:
+    _set_some_dtype(ctx, ctx.pick("value", [{}, [], None, 4, ["F32"], True]))
 
 
 @mutation("safetensors.dtype_unknown", 0)
 def _st_dtype_unknown(ctx: Ctx) -> None:
-    value = ctx.pick("value", ["I32", "U32", "F8_E4M3", "BOOL", "f32", "F32 ", "F16", "BF16", "F64", "I64"])
-
-    def fn(header: dict[str, Any], data: bytes) -> tuple[Any, bytes]:
-        entries = tensor_entries(header)
-        if not entries:
-            raise NotApplicable("no tensors")
-        ctx.ch.choice(entries)[1]["dtype"] = value
-        return header, data
-
-    _st_edit(ctx, fn)
+    _set_some_dtype(
+        ctx, ctx.pick("value", ["I32", "U32", "F8_E4M3", "BOOL", "f32", "F32 ", "F16", "BF16", "F64", "I64"])
+    )
 
 
 @mutation("safetensors.header_deep", 0, weight=1.5)
