@@ -186,9 +186,13 @@ class Artifact:
         """Every referenced tensor, loaded (for saving a copy)."""
         return {key: self._tensors(key) for key in expected_tensors(self.manifest)}
 
-    def nbytes(self) -> int:
-        """Bytes stored for all tensors (shared tensors counted once)."""
-        return sum(self.nbytes_by_module().values())
+    def nbytes(self, module: str | None = None) -> int:
+        """Bytes stored for one module's tensors, or for all (shared tensors counted once)."""
+        sizes = self.nbytes_by_module()
+        if module is None:
+            return sum(sizes.values())
+        self.module(module)  # an unknown name is an error that lists the known ones
+        return sizes[module]
 
     def nbytes_by_module(self) -> dict[str, int]:
         """Bytes stored per module; a shared tensor counts for the first module that references it."""
