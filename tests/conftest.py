@@ -8,6 +8,9 @@ import os
 os.environ.setdefault("HF_ENDPOINT", "http://127.0.0.1:9")
 os.environ.setdefault("HF_HUB_DISABLE_XET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# One torch thread per test process (and its subprocesses) on the 2-core machines: two OpenMP
+# threads wait on each other whenever one is descheduled (scripts/test.sh sets the same).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import subprocess
 import sys
