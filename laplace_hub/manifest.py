@@ -26,6 +26,10 @@ INDEX_NAME = "laplace.safetensors.index.json"
 CARD_NAME = "README.md"
 
 DType = Literal["float32", "float16", "bfloat16", "float64"]
+# The option vocabularies, spelled once: producers, the CLI (typing.get_args) and the sweep use these.
+EstimatorKind = Literal["empirical", "mc", "batch_empirical"]
+Normalization = Literal["per_sequence", "per_token"]
+KfacApprox = Literal["expand", "reduce"]
 MAX_KEY_LENGTH = 512
 MIN_DATASET_WEIGHT = 2.0**-16  # a weight is 0 or at least this: smaller ones underflow in float32
 MAX_DATASET_WEIGHT = 2.0**16  # with stored values ≤ 2^40, a Kronecker penalty stays within float32 (SPEC.md §8.3)
@@ -218,7 +222,7 @@ Parameterization = Annotated[WeightParameterization | LoraParameterization, Fiel
 class Estimator(_Model):
     """How per-example gradients were formed (labels from data, from the model, or batched)."""
 
-    kind: Literal["empirical", "mc", "batch_empirical"]
+    kind: EstimatorKind
     mc_samples: PositiveInt | None = None
     seed: int | None = None
 
@@ -276,8 +280,8 @@ class Manifest(_Model):
     parameterization: Parameterization
     estimator: Estimator
     loss: Literal["cross_entropy"]
-    normalization: Literal["per_sequence", "per_token"]
-    kfac_approx: Literal["expand", "reduce"] | None = None
+    normalization: Normalization
+    kfac_approx: KfacApprox | None = None
     datasets: list[DatasetInfo] = Field(min_length=1, max_length=256)
     datasets_combined: Literal["separate", "summed"]
     dtype: DType

@@ -5,14 +5,14 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import torch
 
 from laplace_hub.cli._common import add_command, human_bytes, print_json
 from laplace_hub.data import DatasetSpec, check_source, load_texts, make_batches
 from laplace_hub.errors import LaplaceHubError
-from laplace_hub.manifest import BaseModelInfo
+from laplace_hub.manifest import BaseModelInfo, EstimatorKind, KfacApprox, Normalization
 from laplace_hub.models import SMOLLM2_REPO_ID, load_model, select_targets
 from laplace_hub.producers import ComputeOptions, compute_artifact
 from laplace_hub.producers.distributed import init_from_env, rank_and_world
@@ -72,10 +72,10 @@ def register(sub: Any) -> None:
         help="kron: eigen-truncate the factors to this many eigenpairs (kron_eig); "
         "diag_lowrank: how many top Fisher directions to keep (default 8)",
     )
-    p.add_argument("--estimator", choices=["empirical", "mc", "batch_empirical"], default="empirical")
+    p.add_argument("--estimator", choices=get_args(EstimatorKind), default="empirical")
     p.add_argument("--mc-samples", type=int, default=1)
-    p.add_argument("--normalization", choices=["per_sequence", "per_token"], default="per_sequence")
-    p.add_argument("--kfac-approx", choices=["expand", "reduce"], default="expand")
+    p.add_argument("--normalization", choices=get_args(Normalization), default="per_sequence")
+    p.add_argument("--kfac-approx", choices=get_args(KfacApprox), default="expand")
     p.add_argument("--parameterization", choices=["weight", "lora"], default="weight")
     p.add_argument("--lora-rank", type=int, default=8)
     p.add_argument("--lora-alpha", type=float, default=16.0)

@@ -21,10 +21,9 @@ import torch
 from torch import Tensor, nn
 
 from laplace_hub.curvature.sketch import random_directions
+from laplace_hub.manifest import KfacApprox, Normalization
 
 Structure = Literal["diag", "kron"]
-Normalization = Literal["per_sequence", "per_token"]
-KfacApprox = Literal["expand", "reduce"]
 CHUNK = 4
 
 

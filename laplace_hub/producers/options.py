@@ -14,6 +14,7 @@ import torch
 
 from laplace_hub.artifact.store import tensor_dtype
 from laplace_hub.errors import LaplaceHubError
+from laplace_hub.manifest import EstimatorKind, KfacApprox, Normalization
 
 # The structures a producer computes (kron_eig is kron with ``eig_rank``): a subset of the manifest's.
 ComputedStructure = Literal["diag", "diag_lowrank", "kron", "kron_tridiag"]
@@ -30,10 +31,10 @@ class CurvatureOptions:
     """
 
     structure: ComputedStructure = "kron"
-    estimator: Literal["empirical", "mc", "batch_empirical"] = "empirical"
+    estimator: EstimatorKind = "empirical"
     mc_samples: int = 1
-    normalization: Literal["per_sequence", "per_token"] = "per_sequence"
-    kfac_approx: Literal["expand", "reduce"] = "expand"
+    normalization: Normalization = "per_sequence"
+    kfac_approx: KfacApprox = "expand"
     eig_rank: int | None = None
     lowrank_rank: int = 8
     sketch_oversample: int = 8
