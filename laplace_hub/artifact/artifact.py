@@ -202,13 +202,24 @@ class Artifact:
         return sizes
 
     def save(
-        self, path: str | Path, *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False
+        self,
+        path: str | Path,
+        *,
+        max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+        overwrite: bool = False,
+        verify: bool = False,
     ) -> Artifact:
         """Write the artifact to a folder atomically (sharded above ``max_shard_bytes``).
+
+        Args:
+            path: The folder to create.
+            max_shard_bytes: Shard above this many bytes.
+            overwrite: Replace an existing folder.
+            verify: Read it back with every rule, checksums and values included (one validation).
 
         Returns:
             The artifact opened from its new folder.
 
         """
         write_artifact(self.manifest, self.tensors(), Path(path), max_shard_bytes=max_shard_bytes, overwrite=overwrite)
-        return Artifact.open(path)
+        return Artifact.open(path, verify_checksums=verify, check_values=verify)
