@@ -18,7 +18,7 @@ from laplace_hub.artifact.store import DEFAULT_MAX_SHARD_BYTES, tensor_dtype, wr
 from laplace_hub.artifact.structures import Context, codec_for
 from laplace_hub.curvature import Block, LoraPairBlock, WeightBlock
 from laplace_hub.errors import ArtifactError, StructureError
-from laplace_hub.manifest import LoraParameterization, Manifest, ModuleEntry, expected_tensors
+from laplace_hub.manifest import Manifest, ModuleEntry, expected_tensors
 
 
 class HubLayer(Protocol):
@@ -164,9 +164,7 @@ class Artifact:
 
     def _decode(self, module: ModuleEntry, entries: list[Any], get: Callable[[str], Tensor]) -> Block:
         """One dataset's block: its single entry's, or the LoRA pair of its ``lora_A`` and ``lora_B`` entries."""
-        lora = self.manifest.parameterization
-        rank = lora.rank if isinstance(lora, LoraParameterization) else None
-        at = Context((module.shape[0], module.shape[1]), rank, self.manifest.dtype)
+        at = Context.of(self.manifest, module)
         decoded = {e.param: codec_for(e).decode(e, at, get, self._sink) for e in entries}
         if "lora_A" not in decoded and "lora_B" not in decoded:
             return next(iter(decoded.values()))

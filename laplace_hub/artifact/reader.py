@@ -25,7 +25,6 @@ from laplace_hub.artifact.values import check_tensor
 from laplace_hub.errors import ArtifactError, LaplaceHubError
 from laplace_hub.manifest import (
     MANIFEST_NAME,
-    LoraParameterization,
     Manifest,
     TensorSpec,
     expected_tensors,
@@ -46,14 +45,14 @@ def read(
     folder: Path, sink: Sink, *, checksums: bool, values: bool, max_bytes: int = DEFAULT_MAX_BYTES
 ) -> Reading | None:
     """Run the rules on an artifact folder; ``None`` when no manifest could be parsed."""
-    try:
-        manifest_size = regular_size(folder / MANIFEST_NAME) if folder.is_dir() else None
-    except LaplaceHubError as e:
-        sink.error(e, MANIFEST_NAME)
-        return None
     if not folder.is_dir():
         what = "does not exist" if not folder.exists() else "is a file, not an artifact folder"
         sink.add("artifact.not_found", str(folder), f"{what}; an artifact is a folder holding {MANIFEST_NAME}")
+        return None
+    try:
+        manifest_size = regular_size(folder / MANIFEST_NAME)
+    except LaplaceHubError as e:
+        sink.error(e, MANIFEST_NAME)
         return None
     if manifest_size is None:
         sink.add("manifest.missing", MANIFEST_NAME, "no manifest: this folder is not a laplace-hub artifact")
@@ -79,7 +78,7 @@ def read(
     if values:
         tensors = DiskTensors(reading, sink)
         for key in expected:
-            if key in reading.layout.files and not {key, reading.layout.files[key]} & reading.layout.broken:
+            if reading.layout.readable(key):
                 tensors(key)
         check_blocks(sink, reading, tensors)
     return reading
@@ -101,8 +100,6 @@ class DiskTensors:
             if name not in self._handles:
                 self._handles[name] = safe_open(str(self.reading.folder / name), framework="pt")
             tensor: Tensor = self._handles[name].get_tensor(key)
-        except LaplaceHubError:
-            raise
         except Exception as e:  # safetensors' own errors, OSError: the file changed or broke under us
             raise ArtifactError(f"cannot read tensor {key!r}: {e}", location=name, code="file.bad_safetensors") from e
         if key not in self._checked:
@@ -115,15 +112,11 @@ class DiskTensors:
 def check_blocks(sink: Sink, reading: Reading, get: DiskTensors) -> None:
     """The rules across a block's tensors (each structure's own: e.g. eigenvalues against their tail)."""
     manifest = reading.manifest
-    lora = manifest.parameterization
-    rank = lora.rank if isinstance(lora, LoraParameterization) else None
-    layout = reading.layout
 
     def readable(key: str) -> Tensor | None:
-        usable = key in layout.files and not {key, layout.files[key]} & layout.broken and key not in get.failed
-        return get(key) if usable else None
+        return get(key) if reading.layout.readable(key) and key not in get.failed else None
 
     for name, module in manifest.modules.items():
-        at = Context((module.shape[0], module.shape[1]), rank, manifest.dtype)
+        at = Context.of(manifest, module)
         for index, entry in enumerate(module.blocks):
             codec_for(entry).check(sink, f"modules.{name}.blocks.{index}", entry, at, readable)

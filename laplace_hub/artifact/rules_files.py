@@ -45,6 +45,10 @@ class Layout:
     usable: set[str] = field(default_factory=set)
     broken: set[str] = field(default_factory=set)
 
+    def readable(self, key: str) -> bool:
+        """Whether ``key`` has a file and neither it nor its file failed a rule."""
+        return key in self.files and not {key, self.files[key]} & self.broken
+
 
 def check_files(sink: Sink, folder: Path, manifest: Manifest, checksums: bool, max_bytes: int) -> Layout:
     """Check listed files and stray ones; returns a layout whose ``usable`` files are safe to open.

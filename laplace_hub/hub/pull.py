@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import json
 import math
 import os
 import shutil
@@ -35,6 +34,7 @@ from laplace_hub.artifact.files import (
     MAX_INDEX_BYTES,
     MAX_MANIFEST_BYTES,
     check_file_name,
+    parse_json,
 )
 from laplace_hub.artifact.store import replace_folder
 from laplace_hub.errors import (
@@ -188,8 +188,8 @@ def _listed_files(raw: bytes) -> dict[str, int]:
     This decides what to copy, nothing more; verification reports whatever is malformed.
     """
     try:
-        data = json.loads(raw)
-    except (ValueError, RecursionError):
+        data = parse_json(raw, location=MANIFEST_NAME, code="manifest.json_invalid")
+    except LaplaceHubError:
         return {}
     files = data.get("files") if isinstance(data, dict) else None
     if not isinstance(files, dict):
@@ -214,7 +214,7 @@ def _within_budget(raw: bytes, where: str) -> bool:
 
     """
     try:
-        data = json.loads(raw)
+        data = parse_json(raw, location=MANIFEST_NAME, code="manifest.json_invalid")
         if not isinstance(data, dict):
             return False
         with warnings.catch_warnings():

@@ -17,7 +17,16 @@ from torch import Tensor
 from laplace_hub.artifact.findings import Sink
 from laplace_hub.artifact.values import ridged
 from laplace_hub.curvature import Block, DenseFactor, Factor, unpack_symmetric
-from laplace_hub.manifest import BlockEntry, DType, EigenFactorRef, FactorRef, Param
+from laplace_hub.manifest import (
+    BlockEntry,
+    DType,
+    EigenFactorRef,
+    FactorRef,
+    LoraParameterization,
+    Manifest,
+    ModuleEntry,
+    Param,
+)
 
 TensorGetter = Callable[[str], Tensor]
 MaybeTensor = Callable[[str], Tensor | None]  # None: the tensor is missing or broke a rule already
@@ -46,6 +55,13 @@ class Context:
     shape: tuple[int, int]
     rank: int | None
     dtype: DType
+
+    @classmethod
+    def of(cls, manifest: Manifest, module: ModuleEntry) -> Context:
+        """The context of a module of ``manifest``."""
+        lora = manifest.parameterization
+        rank = lora.rank if isinstance(lora, LoraParameterization) else None
+        return cls((module.shape[0], module.shape[1]), rank, manifest.dtype)
 
 
 class StructureCodec(ABC):
