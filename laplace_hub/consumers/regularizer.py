@@ -27,6 +27,7 @@ from laplace_hub.curvature import (
 )
 from laplace_hub.errors import LaplaceHubError, ModelMismatchError
 from laplace_hub.fingerprint import fingerprint_weights
+from laplace_hub.linear import weight_out_in
 from laplace_hub.manifest import LoraParameterization
 
 logger = logging.getLogger(__name__)
@@ -57,7 +58,8 @@ class AdaptedModule:
 
     @property
     def base_weight(self) -> Tensor:
-        return self.layer.base_layer.weight  # type: ignore[union-attr,return-value]
+        """The base weight as ``[d_out, d_in]`` (a view of a ``Conv1D``'s), the layout of ``B A`` and the artifact."""
+        return weight_out_in(self.layer.base_layer, self.name)  # type: ignore[arg-type]
 
 
 def adapted_modules(model: nn.Module, adapter: str = "default") -> Iterator[AdaptedModule]:

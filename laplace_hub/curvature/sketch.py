@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from laplace_hub.curvature.blocks import DiagLowRankBlock
+from laplace_hub.curvature.factors import EigenFactor
 
 
 def random_directions(name: str, size: int, shape: tuple[int, ...], seed: int, dtype: torch.dtype) -> Tensor:
@@ -24,13 +25,14 @@ def random_directions(name: str, size: int, shape: tuple[int, ...], seed: int, d
     return torch.randn(size, *shape, generator=gen, dtype=torch.float64).to(dtype)
 
 
-def nystrom(sketch: Tensor, test: Tensor, rank: int) -> Tensor:
-    """The top-``rank`` directions ``U`` (``rank × …``) with ``Σⱼ vec(Uⱼ) vec(Uⱼ)ᵀ ≈ F``.
+def nystrom_eigh(sketch: Tensor, test: Tensor) -> tuple[Tensor, Tensor]:
+    """Eigenvalues (non-increasing) and orthonormal eigenvectors (columns) of ``F̂ ≈ F``.
 
     Args:
         sketch: ``F Ω``, shaped like ``test`` (``s × …``: one slice per test direction).
         test: ``Ω``.
-        rank: How many directions to keep (at most ``s``).
+
+    Exact (to rounding) once ``Ω`` has full column rank, i.e. ``s ≥ rank F``. Computed in float64.
 
     """
     size = test.shape[0]
@@ -42,10 +44,37 @@ def nystrom(sketch: Tensor, test: Tensor, rank: int) -> Tensor:
     keep = values > values.max().clamp_min(0) * size * torch.finfo(torch.float64).eps
     root = (y.T @ vectors[:, keep]) / values[keep].sqrt()  # F̂_shifted = root rootᵀ
     left, singular, _ = torch.linalg.svd(root, full_matrices=False)
-    eigenvalues = (singular.square() - shift).clamp_min(0)[:rank]
-    factor = y.new_zeros(rank, y.shape[1])  # zero directions where F has fewer than `rank`
-    factor[: eigenvalues.shape[0]] = (left[:, :rank] * eigenvalues.sqrt()).T
+    return (singular.square() - shift).clamp_min(0), left
+
+
+def nystrom(sketch: Tensor, test: Tensor, rank: int) -> Tensor:
+    """The top-``rank`` directions ``U`` (``rank × …``) with ``Σⱼ vec(Uⱼ) vec(Uⱼ)ᵀ ≈ F``.
+
+    Args:
+        sketch: ``F Ω``, shaped like ``test`` (``s × …``: one slice per test direction).
+        test: ``Ω``.
+        rank: How many directions to keep (at most ``s``).
+
+    """
+    values, vectors = nystrom_eigh(sketch, test)
+    eigenvalues = values[:rank]
+    factor = vectors.new_zeros(rank, vectors.shape[0])  # zero directions where F has fewer than `rank`
+    factor[: eigenvalues.shape[0]] = (vectors[:, :rank] * eigenvalues.sqrt()).T
     return factor.reshape(rank, *test.shape[1:]).to(sketch.dtype)
+
+
+def eigen_factor_from_sketch(sketch: Tensor, test: Tensor, trace: Tensor | float, rank: int) -> EigenFactor:
+    """A ``kron_eig`` factor from the sketch ``F Ω`` (``s × n``) and ``tr F``, never forming ``F``.
+
+    The top ``rank`` Nyström eigenpairs are kept and the tail is the mean of the rest of the
+    trace, as :meth:`DenseFactor.compress <laplace_hub.curvature.DenseFactor.compress>` defines
+    it from the exact spectrum; the two agree once the sketch is at least ``n`` wide.
+    """
+    n = test.shape[-1]
+    values, vectors = nystrom_eigh(sketch, test)
+    keep = min(rank, n, values.shape[0])
+    tail = max(float(trace) - float(values[:keep].sum()), 0.0) / (n - keep) if keep < n else 0.0
+    return EigenFactor(vectors[:, :keep].to(sketch.dtype), values[:keep].to(sketch.dtype), tail)
 
 
 def diag_lowrank_from_sketch(diagonal: Tensor, sketch: Tensor, test: Tensor, rank: int) -> DiagLowRankBlock:

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from torch import Tensor
-
 from laplace_hub.curvature import Block, DenseFactor, DiagBlock, Factor, KronBlock, LoraPairBlock, WeightBlock
-from laplace_hub.curvature.sketch import diag_lowrank_from_sketch
-from laplace_hub.producers.accumulate import LoraInit, ModuleSums, ParameterSums
+from laplace_hub.curvature.sketch import diag_lowrank_from_sketch, eigen_factor_from_sketch
+from laplace_hub.producers.accumulate import Covariance, LoraInit, ModuleSums, ParameterSums, SketchSums
 from laplace_hub.producers.options import ComputeOptions, CurvatureOptions
 
 
@@ -50,10 +48,8 @@ def make_blocks(
             continue
         owner = module.input_owner
         if owner not in inputs:
-            factor = _factor(sums[owner].input, in_scale)
-            inputs[owner] = factor.compress(options.eig_rank) if options.eig_rank else factor
-        output = _factor(module.output, out_scale)
-        kron = KronBlock(inputs[owner], output.compress(options.eig_rank) if options.eig_rank else output)
+            inputs[owner] = _factor(sums[owner].input, in_scale, options.eig_rank)
+        kron = KronBlock(inputs[owner], _factor(module.output, out_scale, options.eig_rank))
         if name in inits:
             init = inits[name]
             a, b = init.a.to(options.compute_dtype), init.b.to(options.compute_dtype)
@@ -63,6 +59,11 @@ def make_blocks(
     return blocks
 
 
-def _factor(summed: Tensor | None, scale: float) -> Factor:
+def _factor(summed: Covariance | None, scale: float, rank: int | None) -> Factor:
+    """A normalised Kronecker factor: dense, eigen-truncated to ``rank``, or from its sketch."""
     assert summed is not None, "kron sums carry both covariances"
-    return DenseFactor(summed * scale)
+    if isinstance(summed, SketchSums):
+        assert rank is not None, "a sketched covariance is for kron_eig"
+        return eigen_factor_from_sketch(summed.product * scale, summed.directions, summed.trace * scale, rank)
+    factor = DenseFactor(summed * scale)
+    return factor.compress(rank) if rank else factor

@@ -12,8 +12,10 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from laplace_hub.artifact import Artifact, ArtifactBuilder
+from laplace_hub.curvature import Block
 from laplace_hub.errors import DataError, LaplaceHubError
 from laplace_hub.fingerprint import fingerprint_weights
+from laplace_hub.linear import linear_shape, weight_out_in
 from laplace_hub.manifest import (
     BaseModelInfo,
     DatasetInfo,
@@ -26,6 +28,7 @@ from laplace_hub.producers.accumulate import CurvatureAccumulator, LoraInit
 from laplace_hub.producers.blocks import make_blocks
 from laplace_hub.producers.distributed import all_reduce_sums, rank_and_world
 from laplace_hub.producers.options import ComputeOptions, CurvatureOptions, LoraOptions
+from laplace_hub.producers.plan import PassPlan
 
 Batch = Mapping[str, Tensor]
 
@@ -41,10 +44,11 @@ def lora_inits(modules: Mapping[str, nn.Linear], options: ComputeOptions) -> dic
     gen = torch.Generator().manual_seed(options.seed)
     inits = {}
     for name, module in modules.items():
-        a = torch.empty(options.lora_rank, module.in_features)
-        bound = 1 / math.sqrt(module.in_features)  # kaiming_uniform_(a=√5) on a fan_in-wide matrix
+        d_out, d_in = linear_shape(module, name)
+        a = torch.empty(options.lora_rank, d_in)
+        bound = 1 / math.sqrt(d_in)  # kaiming_uniform_(a=√5) on a fan_in-wide matrix
         a.uniform_(-bound, bound, generator=gen)
-        inits[name] = LoraInit(a, torch.zeros(module.out_features, options.lora_rank), lora_scaling(options))
+        inits[name] = LoraInit(a, torch.zeros(d_out, options.lora_rank), lora_scaling(options))
     return inits
 
 
@@ -106,6 +110,58 @@ def _accumulate(
         bar.set_postfix(tokens=counts.tokens, tokens_per_s=round(counts.tokens / (time.perf_counter() - start)))
 
 
+def _pass(
+    model: nn.Module,
+    datasets: Mapping[str, Sequence[Batch]],
+    modules: Mapping[str, nn.Linear],
+    options: ComputeOptions,
+    inits: Mapping[str, LoraInit],
+    label: str,
+) -> tuple[Mapping[str, _Counts], dict[str, Block]]:
+    """One pass over every batch with hooks on ``modules`` only; their blocks, finished on the CPU.
+
+    Only these modules' weights require grad, so the backward stops at the lowest of them, and
+    each weight's gradient is dropped as soon as it is accumulated (only the hooks' sums count).
+    """
+    for p in model.parameters():
+        p.requires_grad_(False)
+    weights = [module.weight.requires_grad_(True) for module in modules.values()]
+    drops = [w.register_post_accumulate_grad_hook(_drop_grad) for w in weights]
+    acc = CurvatureAccumulator(
+        dict(modules),
+        "diag" if options.diagonal else "kron",
+        options.normalization,
+        options.kfac_approx,
+        batch_gradient=options.estimator == "batch_empirical",
+        lora={n: i for n, i in inits.items() if n in modules} if options.diagonal else {},
+        sketch_size=options.sketch_size,
+        cov_sketch_size=options.cov_sketch_size,
+        seed=options.seed,
+        dtype=options.compute_dtype,
+    )
+    acc.attach()
+    per_name = {}
+    try:
+        for name, batches in datasets.items():
+            per_name[name] = _Counts()
+            _accumulate(model, batches, acc, options, per_name[name], " ".join(filter(None, (name, label))))
+    finally:
+        acc.detach()
+        for drop in drops:
+            drop.remove()
+    sums = acc.result()
+    counts = all_reduce_sums(sums, per_name)
+    total = _Counts(*(sum(getattr(c, f) for c in counts.values()) for f in ("sequences", "tokens", "batches")))
+    if total.tokens == 0:
+        raise DataError(f"dataset(s) {', '.join(datasets)} hold no labelled tokens")
+    on_cpu = {name: module.to("cpu") for name, module in sums.items()}  # frees the device for the next pass
+    return counts, make_blocks(on_cpu, total.sequences, total.tokens, options, inits)
+
+
+def _drop_grad(weight: Tensor) -> None:
+    weight.grad = None
+
+
 def compute_artifact(
     model: nn.Module,
     datasets: Mapping[str, Sequence[Batch]],
@@ -113,6 +169,7 @@ def compute_artifact(
     options: ComputeOptions,
     base_model: BaseModelInfo,
     sources: Mapping[str, str] | None = None,
+    plan: PassPlan | None = None,
 ) -> Artifact:
     """Compute a curvature artifact for ``targets`` of a causal LM on named source datasets.
 
@@ -125,6 +182,8 @@ def compute_artifact(
         options: What to compute.
         base_model: Identity of the base model (the fingerprint is filled in here).
         sources: Dataset name → where it came from, for the manifest.
+        plan: Which modules to hook in which pass over the batches (default: all in one); any
+            plan gives the same artifact (:mod:`laplace_hub.producers.plan`).
 
     Returns:
         An in-memory artifact; under ``torch.distributed`` every rank gets the reduced result.
@@ -133,45 +192,25 @@ def compute_artifact(
     options.check()
     if not targets:
         raise LaplaceHubError("no target modules selected", location="targets")
+    shapes = {name: linear_shape(module, name) for name, module in targets.items()}  # refuses non-linear ones
     inits = lora_inits(targets, options) if options.parameterization == "lora" else {}
+    passes = plan.groups if plan is not None else (tuple(targets),)
     requires = {p: p.requires_grad for p in model.parameters()}
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for module in targets.values():
-        module.weight.requires_grad_(True)
     model.eval()
     groups = {name: [name] for name in datasets} if options.per_dataset else {None: list(datasets)}
     builder = ArtifactBuilder(dtype=options.dtype, packed=options.packed)
     infos = []
     try:
         for group, names in groups.items():
-            acc = CurvatureAccumulator(
-                dict(targets),
-                "diag" if options.diagonal else "kron",
-                options.normalization,
-                options.kfac_approx,
-                batch_gradient=options.estimator == "batch_empirical",
-                lora=inits if options.diagonal else {},
-                sketch_size=options.sketch_size,
-                seed=options.seed,
-                dtype=options.compute_dtype,
-            )
-            acc.attach()
-            per_name = {}
-            try:
-                for name in names:
-                    per_name[name] = _Counts()
-                    _accumulate(model, datasets[name], acc, options, per_name[name], name)
-            finally:
-                acc.detach()
-            sums = acc.result()
-            counts = all_reduce_sums(sums, per_name)
-            total = _Counts(*(sum(getattr(c, f) for c in counts.values()) for f in ("sequences", "tokens", "batches")))
-            if total.tokens == 0:
-                raise DataError(f"dataset(s) {', '.join(names)} hold no labelled tokens")
-            for target, block in make_blocks(sums, total.sequences, total.tokens, options, inits).items():
-                d_out, d_in = targets[target].weight.shape
-                builder.add(target, (int(d_out), int(d_in)), block, group)
+            blocks: dict[str, Block] = {}
+            counts: Mapping[str, _Counts] = {}
+            for number, modules in enumerate(passes, 1):
+                label = f"pass {number}/{len(passes)}" if len(passes) > 1 else ""
+                chosen = {name: targets[name] for name in modules}
+                counts, found = _pass(model, {n: datasets[n] for n in names}, chosen, options, inits, label)
+                blocks.update(found)
+            for target, shape in shapes.items():  # in the targets' order, whatever the plan: the same bytes
+                builder.add(target, shape, blocks.pop(target), group)
             infos += [
                 DatasetInfo(
                     name=n, sequences=c.sequences, tokens=c.tokens, batches=c.batches, source=(sources or {}).get(n)
@@ -195,7 +234,7 @@ def compute_artifact(
         if options.parameterization == "lora"
         else WeightParameterization(kind="weight")
     )
-    fingerprint = fingerprint_weights({name: module.weight for name, module in targets.items()})
+    fingerprint = fingerprint_weights({name: weight_out_in(module) for name, module in targets.items()})
     return builder.build(
         base_model=base_model.model_copy(update={"fingerprint": fingerprint}),
         parameterization=parameterization,

@@ -27,7 +27,10 @@ class CurvatureOptions:
 
     ``diag_lowrank`` keeps the top ``lowrank_rank`` eigen-directions of the per-example Fisher,
     found by a Nyström sketch of ``lowrank_rank + sketch_oversample`` random directions.
-    ``seed`` draws the MC labels, the sketch's directions and the LoRA init.
+    ``eig_sketch`` computes ``kron_eig`` (``eig_rank`` set) in one pass from sketches of the
+    covariances along ``eig_rank + sketch_oversample`` directions, in ``O(d·k)`` memory instead
+    of the dense ``d × d`` factors; exact once that width reaches ``d``.
+    ``seed`` draws the MC labels, the sketches' directions and the LoRA init.
     """
 
     structure: ComputedStructure = "kron"
@@ -36,6 +39,7 @@ class CurvatureOptions:
     normalization: Normalization = "per_sequence"
     kfac_approx: KfacApprox = "expand"
     eig_rank: int | None = None
+    eig_sketch: bool = False
     lowrank_rank: int = 8
     sketch_oversample: int = 8
     parameterization: Literal["weight", "lora"] = "weight"
@@ -57,6 +61,11 @@ class CurvatureOptions:
         """Random directions the ``diag_lowrank`` sketch is taken along (0: no sketch)."""
         return self.lowrank_rank + self.sketch_oversample if self.structure == "diag_lowrank" else 0
 
+    @property
+    def cov_sketch_size(self) -> int:
+        """Random directions each Kronecker covariance is sketched along (0: summed in full)."""
+        return (self.eig_rank or 0) + self.sketch_oversample if self.eig_sketch else 0
+
     def check(self) -> None:
         """Refuse combinations the spec or the estimators do not define.
 
@@ -74,7 +83,11 @@ class CurvatureOptions:
             raise LaplaceHubError(
                 f"diag_lowrank needs `lowrank_rank` ≥ 1, got {self.lowrank_rank}", location="structure"
             )
-        if self.structure == "diag_lowrank" and self.sketch_oversample < 0:
+        if self.eig_rank is not None and self.eig_rank < 1:
+            raise LaplaceHubError(f"eigen rank must be ≥ 1, got {self.eig_rank}", location="eig_rank")
+        if self.eig_sketch and self.eig_rank is None:
+            raise LaplaceHubError("a sketched K-FAC needs `eig_rank` (kron_eig)", location="eig_sketch")
+        if self.sketch_oversample < 0:
             raise LaplaceHubError(f"must not be negative, got {self.sketch_oversample}", location="sketch_oversample")
         if self.kfac_approx == "reduce" and self.normalization == "per_token":
             raise LaplaceHubError(
