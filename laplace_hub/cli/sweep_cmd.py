@@ -53,7 +53,8 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--methods",
         default="lora,l2,diag,diag_lowrank,kron,kron_eig,lora_init,mtt,milora,flat_lora,migu",
-        help="lora (none), l2, diag, diag_lowrank, kron, kron_eig (weight-space LaLoRA), lora_init (the paper's), "
+        help="lora (none), l2, diag, diag_lowrank, kron, kron_eig (weight-space LaLoRA), kron_eig_sketch (kron_eig "
+        "from one-pass sketches), lora_init (the paper's), "
         "mtt (Mask-the-Target, own KL-weight grid 0.1,1,10), milora, flat_lora (own ρ grid 0.01,0.05,0.1), "
         "migu (own t grid .25,.5,.75)",
     )

@@ -29,7 +29,7 @@ from laplace_hub.models import select_targets
 from laplace_hub.producers import ComputeOptions, compute_artifact
 
 # methods that read the weight-space artifact of the structure they are named after
-STRUCTURE_METHODS = ("diag", "diag_lowrank", "kron", "kron_eig")
+STRUCTURE_METHODS = ("diag", "diag_lowrank", "kron", "kron_eig", "kron_eig_sketch")
 METHODS = (
     "lora",
     "l2",
@@ -147,6 +147,7 @@ def curvature_artifacts(model: Any, data: SweepData, cfg: SweepConfig) -> dict[s
         "diag_lowrank": ComputeOptions(structure="diag_lowrank", lowrank_rank=cfg.lowrank_rank),
         "kron": ComputeOptions(structure="kron"),
         "kron_eig": ComputeOptions(structure="kron", eig_rank=cfg.eig_rank),
+        "kron_eig_sketch": ComputeOptions(structure="kron", eig_rank=cfg.eig_rank, eig_sketch=True),
     }
     needed = {ARTIFACT_FOR[m] for m in cfg.methods if m in ARTIFACT_FOR}
     targets = select_targets(model, cfg.targets)
