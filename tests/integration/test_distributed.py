@@ -1,8 +1,15 @@
-"""Two real processes (torch.distributed, gloo) give the same artifact as one process."""
+"""Two real processes (torch.distributed, gloo) give the same artifact as one process, with whole
+models on each rank and with models sharded over the ranks by FSDP2 (library and CLI)."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -14,7 +21,13 @@ from laplace_hub.data import pad_batch
 from laplace_hub.manifest import BaseModelInfo
 from laplace_hub.models import select_targets
 from laplace_hub.producers import ComputeOptions, compute_artifact
+from laplace_hub.producers.plan import PassPlan
 from tests.conftest import tiny_llama
+
+try:
+    from torch.distributed.fsdp import fully_shard
+except ImportError:  # torch < 2.6
+    fully_shard = None
 
 pytestmark = pytest.mark.distributed
 
@@ -49,6 +62,113 @@ def test_two_gloo_processes_equal_one(tmp_path: Path, structure: str) -> None:
     mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(out), structure), nprocs=2, join=True)
     two = Artifact.open(out)
     one = compute(structure)
+    assert two.manifest.datasets == one.manifest.datasets
+    for name in one.manifest.modules:
+        torch.testing.assert_close(
+            two.block(name, dtype=torch.float64).dense(), one.block(name, dtype=torch.float64).dense()
+        )
+
+
+# FSDP2: each rank holds half of every weight and sees its own batches (3 and 2 of 5: the rank one
+# short runs an unlabelled one so that both gather the layers as often). Two passes, so the target
+# weights' requires_grad changes between passes under FSDP2.
+TWO_PASSES = PassPlan(
+    groups=(
+        ("model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj", "model.layers.1.mlp.down_proj"),
+        ("model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj", "model.layers.0.mlp.down_proj"),
+    ),
+    group_bytes=(0, 0),
+)
+FSDP_OPTIONS = ComputeOptions(structure="kron", accumulate_dtype=torch.float64, dtype="float64")
+no_fsdp2 = pytest.mark.skipif(fully_shard is None, reason=f"torch {torch.__version__} has no FSDP2 (fully_shard)")
+
+
+def spawn(worker: Callable[..., None], args: tuple[Any, ...], timeout: float) -> None:
+    """``mp.spawn`` on two processes, killed and failed after ``timeout`` s (a collective that never matches)."""
+    context = mp.spawn(worker, args=args, nprocs=2, join=False)
+    deadline = time.monotonic() + timeout
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"the processes did not finish within {timeout} s")
+
+
+def _fsdp_worker(rank: int, world: int, init_file: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model = tiny_llama()
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+        artifact = compute_artifact(
+            model,
+            {"src": batches()},
+            select_targets(model, "q_proj,v_proj,down_proj"),
+            FSDP_OPTIONS,
+            BaseModelInfo(repo_id="tiny"),
+            plan=TWO_PASSES,
+        )
+        q = model.model.layers[0].self_attn.q_proj.weight
+        assert q.to_local().shape == (4, 8), "each rank still holds only its shard"
+        assert all(p.grad is None for p in model.parameters()), "no gradient was kept (nor reduce-scattered)"
+        assert all(p.requires_grad for p in model.parameters()), "requires_grad is restored"
+        if rank == 0:
+            artifact.save(out)
+    finally:
+        dist.destroy_process_group()
+
+
+@no_fsdp2
+def test_fsdp2_two_gloo_processes_equal_one(tmp_path: Path) -> None:
+    out = tmp_path / "artifact"
+    spawn(_fsdp_worker, (2, str(tmp_path / "init"), str(out)), timeout=300)  # ~20 s on 2 busy cores
+    two = Artifact.open(out)
+    model = tiny_llama()
+    targets = select_targets(model, "q_proj,v_proj,down_proj")
+    one = compute_artifact(model, {"src": batches()}, targets, FSDP_OPTIONS, BaseModelInfo(repo_id="tiny"))
+    assert two.manifest.base_model.fingerprint == one.manifest.base_model.fingerprint  # the whole weights
+    assert two.manifest.datasets == one.manifest.datasets
+    assert list(two.manifest.modules) == list(one.manifest.modules)
+    for name in one.manifest.modules:
+        torch.testing.assert_close(
+            two.block(name, dtype=torch.float64).dense(), one.block(name, dtype=torch.float64).dense()
+        )
+
+
+def _tiny_llama_folder(folder: Path) -> Path:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1, **{f"t{i}": i for i in range(2, 23)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>").save_pretrained(folder)
+    tiny_llama().save_pretrained(folder)
+    gen = torch.Generator().manual_seed(5)
+    texts = [" ".join(f"t{i}" for i in torch.randint(2, 23, (n,), generator=gen).tolist()) for n in (5, 7, 3, 6, 4, 8)]
+    (folder / "data.txt").write_text("\n\n".join(texts))
+    return folder
+
+
+@no_fsdp2
+def test_cli_fsdp_under_torchrun_equals_one_process(tmp_path: Path) -> None:
+    folder = _tiny_llama_folder(tmp_path / "tiny")
+    common = ["compute", str(folder), "--data", f"src={folder / 'data.txt'}", "--targets", "all-linear"]
+    common += ["--batch-size", "2", "--num-batches", "3", "--float64", "--dtype", "float64", "--json"]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "laplace_hub.cli"]
+    runs = {
+        "one": [sys.executable, "-m", "laplace_hub.cli", *common, "--out", str(tmp_path / "one")],
+        "two": [*launch, *common, "--fsdp", "--max-memory", "4K", "--out", str(tmp_path / "two")],
+    }
+    summaries = {}
+    for name, command in runs.items():
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300)  # ~30 s each
+        assert result.returncode == 0, (name, result.stderr[-3000:])
+        summaries[name] = json.loads(result.stdout)
+    assert summaries["one"]["passes"] == 1 and summaries["two"]["passes"] > 1
+    one, two = Artifact.open(tmp_path / "one"), Artifact.open(tmp_path / "two")
+    assert two.manifest.base_model.fingerprint == one.manifest.base_model.fingerprint
     assert two.manifest.datasets == one.manifest.datasets
     for name in one.manifest.modules:
         torch.testing.assert_close(

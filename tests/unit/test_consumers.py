@@ -191,3 +191,17 @@ def test_bf16_model_penalty_accumulates_in_float32(base, batches) -> None:
     assert float(penalty) == pytest.approx(exact, rel=0.05)  # bf16 LoRA factors, float32 arithmetic
     penalty.backward()
     assert next(m.lora_b.grad for m in adapted_modules(half)).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_penalty_in_a_chosen_dtype(base, batches, dtype: torch.dtype) -> None:
+    """Blocks held in the compute dtype: float64 is exact, bfloat16 within its rounding."""
+    art = artifact(base, batches, structure="kron")
+    model = peft_model(base)
+    exact = float(LaplaceRegularizer.from_artifact(art, model, strength=1.0)())
+    reg = LaplaceRegularizer.from_artifact(art, model, strength=1.0, dtype=dtype)
+    assert all(t.dtype == dtype for t in reg.buffers())
+    penalty = reg()
+    assert penalty.dtype == dtype
+    assert float(penalty) == pytest.approx(exact, rel=1e-6 if dtype == torch.float64 else 3e-2)
+    penalty.backward()
