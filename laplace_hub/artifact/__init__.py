@@ -2,6 +2,7 @@
 
 from laplace_hub.artifact.artifact import Artifact
 from laplace_hub.artifact.builder import ArtifactBuilder, minimal_fields, software_versions
+from laplace_hub.artifact.compress import compress
 from laplace_hub.artifact.merge import merge
 
-__all__ = ["Artifact", "ArtifactBuilder", "merge", "minimal_fields", "software_versions"]
+__all__ = ["Artifact", "ArtifactBuilder", "compress", "merge", "minimal_fields", "software_versions"]

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
+import shutil
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -14,7 +17,7 @@ from laplace_hub.artifact.codec import as_dtype
 from laplace_hub.artifact.files import DEFAULT_MAX_BYTES
 from laplace_hub.artifact.findings import FirstError, Sink
 from laplace_hub.artifact.reader import DiskTensors, read
-from laplace_hub.artifact.store import DEFAULT_MAX_SHARD_BYTES, tensor_dtype, write_artifact
+from laplace_hub.artifact.store import DEFAULT_MAX_SHARD_BYTES, replace_folder, tensor_dtype, write_artifact
 from laplace_hub.artifact.structures import Context, codec_for
 from laplace_hub.curvature import Block, LoraPairBlock, WeightBlock
 from laplace_hub.errors import ArtifactError, StructureError
@@ -218,6 +221,24 @@ class Artifact:
         Returns:
             The artifact opened from its new folder.
 
+        Raises:
+            ArtifactError: ``path`` exists and ``overwrite`` is not set, or (``verify``) the written
+                artifact breaks a rule: then nothing appears at ``path``.
+
         """
-        write_artifact(self.manifest, self.tensors(), Path(path), max_shard_bytes=max_shard_bytes, overwrite=overwrite)
-        return Artifact.open(path, verify_checksums=verify, check_values=verify)
+        target = Path(path)
+        if not verify:
+            write_artifact(self.manifest, self.tensors(), target, max_shard_bytes=max_shard_bytes, overwrite=overwrite)
+            return Artifact.open(target)
+        if os.path.lexists(target) and not overwrite:
+            raise ArtifactError("already exists; pass `overwrite` to replace it", location=str(target))
+        # Verified in a hidden sibling, then renamed into place: a folder that fails never appears.
+        staged = target.parent / f".{target.name}.verify-{uuid.uuid4().hex[:8]}"
+        try:
+            write_artifact(self.manifest, self.tensors(), staged, max_shard_bytes=max_shard_bytes)
+            Artifact.open(staged, verify_checksums=True, check_values=True)
+            replace_folder(staged, target)
+        except BaseException:
+            shutil.rmtree(staged, ignore_errors=True)
+            raise
+        return Artifact.open(target)

@@ -92,11 +92,11 @@ class ArtifactBuilder:
         manifest = manifest.model_copy(update={"spec_version": required_version(manifest)})
         for key, spec in expected_tensors(manifest).items():
             if spec.role == "factor":
-                tensors[key] = _storable_factor(self._encoder.tensors[key], self.dtype)
+                tensors[key] = storable_factor(self._encoder.tensors[key], self.dtype)
         return Artifact(manifest, tensors.__getitem__)
 
 
-def _storable_factor(tensor: Tensor, dtype: DType) -> Tensor:
+def storable_factor(tensor: Tensor, dtype: DType) -> Tensor:
     """A factor as stored in ``dtype``, mended where rounding left it a hair indefinite (SPEC.md §8.3)."""
     if tensor.dim() == 2:
         return psd_for_storage(tensor, tensor_dtype(dtype), dtype)

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 from laplace_hub import __version__
 from laplace_hub.cli import (
+    compress_cmd,
     compute_cmd,
     continual_cmd,
     demo_cmd,
@@ -27,7 +28,17 @@ from laplace_hub.cli import (
 from laplace_hub.cli._common import error_line
 from laplace_hub.errors import LaplaceHubError
 
-COMMANDS = (demo_cmd, compute_cmd, validate_cmd, inspect_cmd, merge_cmd, hub_cmds, sweep_cmd, continual_cmd)
+COMMANDS = (
+    demo_cmd,
+    compute_cmd,
+    validate_cmd,
+    inspect_cmd,
+    compress_cmd,
+    merge_cmd,
+    hub_cmds,
+    sweep_cmd,
+    continual_cmd,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -41,6 +41,7 @@ FLAGS = {
     "eig_rank": "--rank",
     "lowrank_rank": "--rank",
     "eig_sketch": "--sketch",
+    "dtype": "--dtype",
     "max_memory": "--max-memory",
     "fsdp": "--fsdp",
 }

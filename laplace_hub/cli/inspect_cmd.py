@@ -15,18 +15,34 @@ def register(sub: Any) -> None:
         sub,
         "inspect",
         "Summarise an artifact: modules, structures, shapes, sizes, datasets, provenance.",
-        "  laplace-hub inspect ./my-artifact\n  laplace-hub inspect ./my-artifact --json | jq .total_bytes",
+        "  laplace-hub inspect ./my-artifact\n"
+        "  laplace-hub inspect ./my-artifact --json | jq .total_bytes\n"
+        "  laplace-hub inspect ./my-artifact --model smollm2   # also: bytes vs the whole base model\n"
+        "Sizes are compared with weights at bf16 (2 bytes a parameter): the covered modules' always,\n"
+        "the whole base model's (parameters counted from its config, no weights loaded) with --model.",
     )
     parser.add_argument("path", help="the artifact folder")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    parser.add_argument("--model", help="base model (folder, Hub id or 'smollm2') to compare the artifact's bytes with")
+    parser.add_argument("--gguf-file", help="GGUF file name inside --model")
     add_max_bytes(parser)
-    parser.set_defaults(run=run, flags={"max_bytes": "--max-bytes"})
+    parser.set_defaults(run=run, flags={"max_bytes": "--max-bytes", "model": "--model"})
 
 
-def summarize(artifact: Artifact) -> dict[str, Any]:
-    """The facts ``inspect`` shows, as JSON data."""
+BF16_BYTES = 2  # the yardstick: a base model's weights as usually shipped
+
+
+def summarize(artifact: Artifact, base_model_parameters: int | None = None) -> dict[str, Any]:
+    """The facts ``inspect`` shows, as JSON data.
+
+    ``base_model_parameters`` (the whole base model's count, when known) adds the artifact's size
+    relative to that model at bf16; the size relative to the covered weights is always there.
+    """
     m = artifact.manifest
     sizes = artifact.nbytes_by_module()
+    total = sum(sizes.values())
+    covered = BF16_BYTES * sum(module.shape[0] * module.shape[1] for module in m.modules.values())
+    base = None if base_model_parameters is None else BF16_BYTES * base_model_parameters
     return {
         "spec_version": m.spec_version,
         "base_model": m.base_model.model_dump(mode="json"),
@@ -45,7 +61,11 @@ def summarize(artifact: Artifact) -> dict[str, Any]:
             }
             for name, module in m.modules.items()
         },
-        "total_bytes": sum(sizes.values()),
+        "total_bytes": total,
+        "covered_weights_bf16_bytes": covered,
+        "ratio_to_covered_weights_bf16": total / covered,
+        "base_model_bf16_bytes": base,
+        "ratio_to_base_model_bf16": None if base is None else total / base,
         "files": {name: entry.size for name, entry in m.files.items()},
         "software": m.software,
         "license": m.license,
@@ -53,9 +73,37 @@ def summarize(artifact: Artifact) -> dict[str, Any]:
     }
 
 
+def base_model_parameters(model: str, gguf_file: str | None = None) -> int:
+    """Parameters of a causal LM (tied weights once), counted on the meta device from its config alone.
+
+    ``model`` is a folder, a Hub id, or ``smollm2`` (the shipped GGUF).
+    """
+    import torch
+
+    from laplace_hub.errors import LaplaceHubError, MissingExtraError
+    from laplace_hub.models import smollm2_path
+
+    try:
+        from transformers import AutoConfig, AutoModelForCausalLM
+    except ImportError as e:
+        raise MissingExtraError("transformers", "hf") from e
+    if model == "smollm2":
+        path = smollm2_path()
+        model, gguf_file = str(path.parent), path.name
+    try:
+        config = AutoConfig.from_pretrained(model, **({"gguf_file": gguf_file} if gguf_file else {}))
+    except (OSError, ValueError) as e:
+        raise LaplaceHubError(f"cannot read the config of {model!r}: {str(e).splitlines()[0]}", location="model") from e
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in skeleton.parameters())  # parameters() yields a tied weight once
+
+
 def run(args: argparse.Namespace) -> int:
     """Print the summary."""
-    summary = summarize(Artifact.open(args.path, max_bytes=args.max_bytes))
+    artifact = Artifact.open(args.path, max_bytes=args.max_bytes)
+    parameters = base_model_parameters(args.model, args.gguf_file) if args.model else None
+    summary = summarize(artifact, parameters)
     if args.json:
         print_json(summary)
         return 0
@@ -84,5 +132,15 @@ def run(args: argparse.Namespace) -> int:
             f"{'lineage' if i == 0 else '':<11} {i}: γ={part['decay']:g} {', '.join(part['datasets'])} computed at {at}"
         )
     print(f"total       {human_bytes(summary['total_bytes'])} in {len(summary['files'])} file(s)")
+    print(
+        f"size        {summary['ratio_to_covered_weights_bf16']:.3g}× the covered weights at bf16 "
+        f"({human_bytes(summary['covered_weights_bf16_bytes'])})"
+        + (
+            f", {summary['ratio_to_base_model_bf16']:.3g}× the whole base model at bf16 "
+            f"({human_bytes(summary['base_model_bf16_bytes'])}, {args.model})"
+            if summary["base_model_bf16_bytes"] is not None
+            else ""
+        )
+    )
     print("software    " + ", ".join(f"{k} {v}" for k, v in summary["software"].items()))
     return 0

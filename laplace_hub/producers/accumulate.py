@@ -265,7 +265,11 @@ class CurvatureAccumulator:
     def _add_cov(self, sums: dict[str, Covariance], seed_name: str, name: str, rows: Tensor) -> None:
         """Add ``rowsᵀ rows`` in full, or its sketch ``Ω rowsᵀ rows`` and trace."""
         if not self.cov_sketch_size:
-            _accumulate(sums, name, rows.T @ rows)  # type: ignore[arg-type]
+            held = sums.get(name)
+            if held is None:
+                sums[name] = rows.T @ rows
+            else:
+                held.addmm_(rows.T, rows)  # type: ignore[union-attr]  # no product temporary
             return
         held = sums.get(name)
         if held is None:
@@ -285,4 +289,8 @@ def _moved(value: M | None, device: torch.device | str) -> M | None:
 
 
 def _accumulate(sums: dict[K, Tensor], key: K, value: Tensor) -> None:
-    sums[key] = sums[key] + value if key in sums else value
+    """Add in place: a fresh sum per batch would allocate (and page in) all the sums again each time."""
+    if key in sums:
+        sums[key].add_(value)
+    else:
+        sums[key] = value

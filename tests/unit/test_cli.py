@@ -8,13 +8,13 @@ import pytest
 
 from laplace_hub.cli import COMMANDS, build_parser, main
 
-NAMES = ["demo", "compute", "validate", "inspect", "merge", "push", "pull", "find", "sweep", "continual"]
+NAMES = ["demo", "compute", "validate", "inspect", "compress", "merge", "push", "pull", "find", "sweep", "continual"]
 
 
 def test_every_command_is_registered() -> None:
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     assert sorted(sub.choices) == sorted(NAMES)  # type: ignore[union-attr]
-    assert len(COMMANDS) == 8
+    assert len(COMMANDS) == 9
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -144,7 +144,11 @@ def test_narrow_sketch_is_a_valid_underestimate(model, batches) -> None:  # noqa
         torch.testing.assert_close(approx.dense().trace(), dense_in.trace())  # the tail keeps the trace
 
 
-def test_sketch_needs_a_rank() -> None:
+def test_refused_options() -> None:
+    with pytest.raises(LaplaceHubError, match="ridged far beyond") as err:
+        ComputeOptions(structure="kron", dtype="bfloat16").check()
+    assert err.value.location == "dtype"
+    ComputeOptions(structure="kron", eig_rank=4, dtype="bfloat16").check()  # eigenvalues are kept exactly
     with pytest.raises(LaplaceHubError, match="needs `eig_rank`"):
         ComputeOptions(structure="kron", eig_sketch=True).check()
     with pytest.raises(LaplaceHubError, match="≥ 1"):
