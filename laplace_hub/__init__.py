@@ -7,6 +7,7 @@ from laplace_hub.manifest import SPEC_VERSION, Manifest
 from laplace_hub.validate import Report, validate
 
 __version__ = "0.1.0"
+"""The package version (the spec version is :data:`SPEC_VERSION`)."""
 
 __all__ = [
     "SPEC_VERSION",

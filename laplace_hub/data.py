@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from laplace_hub.errors import DataError
+from laplace_hub.progress import progress
 
 Batch = dict[str, Tensor]
 PYDOC = "stdlib:pydoc"
@@ -201,7 +201,7 @@ def sample_texts(
     texts: list[str] = []
     padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
     try:
-        for start in tqdm(range(0, count, batch_size), desc="sampling self data", unit="batch", leave=False):
+        for start in progress(range(0, count, batch_size), desc="sampling self data", unit="batch", leave=False):
             prompts = [PROMPTS[(start + i) % len(PROMPTS)] for i in range(min(batch_size, count - start))]
             encoded = tokenizer(prompts, return_tensors="pt", padding=True).to(next(model.parameters()).device)
             output = model.generate(

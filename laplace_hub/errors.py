@@ -96,6 +96,12 @@ class HubError(LaplaceHubError, RuntimeError):
     """Pushing to or pulling from a hub failed."""
 
 
+class ProvenanceError(LaplaceHubError, ValueError):
+    """An adapter's record of the prior it was trained under cannot be read or written."""
+
+    code = "provenance.invalid"
+
+
 def error_for_code(code: str, message: str, location: str | None) -> LaplaceHubError:
     """The exception a reader raises for a finding: the most specific class its code names."""
     if code in ("artifact.not_found", "manifest.missing"):
@@ -121,6 +127,7 @@ __all__ = [
     "ManifestError",
     "MissingExtraError",
     "ModelMismatchError",
+    "ProvenanceError",
     "StructureError",
     "UnsafePathError",
     "UnsupportedVersionError",

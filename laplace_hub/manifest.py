@@ -18,18 +18,67 @@ from pydantic import ValidationError as _PydanticValidationError
 
 from laplace_hub.errors import ManifestError, UnsupportedVersionError
 
+__all__ = [
+    "CARD_NAME",
+    "FORMAT_NAME",
+    "INDEX_NAME",
+    "INTRODUCED_IN",
+    "MANIFEST_NAME",
+    "SINGLE_FILE_NAME",
+    "SPEC_VERSION",
+    "BaseModelInfo",
+    "DType",
+    "DatasetInfo",
+    "DiagBlockEntry",
+    "DiagLowRankBlockEntry",
+    "EigenFactorRef",
+    "Estimator",
+    "EstimatorKind",
+    "FactorRef",
+    "FileEntry",
+    "Fingerprint",
+    "KfacApprox",
+    "KronBlockEntry",
+    "KronEigBlockEntry",
+    "KronTridiagBlockEntry",
+    "LineageEntry",
+    "LoraInitRef",
+    "LoraParameterization",
+    "Manifest",
+    "ModuleEntry",
+    "Normalization",
+    "TensorSpec",
+    "WeightParameterization",
+    "expected_tensors",
+    "features",
+    "manifest_json",
+    "manifest_json_schema",
+    "parse_manifest",
+    "required_version",
+]
+
 FORMAT_NAME: Literal["laplace-hub"] = "laplace-hub"
+"""The manifest's ``format`` field, and the prefix of every tensor file's ``format`` metadata."""
 SPEC_VERSION = "1.2"
+"""The newest spec version this package implements; it reads every minor of the same major."""
 MANIFEST_NAME = "laplace.json"
+"""The manifest's file name in an artifact folder."""
 SINGLE_FILE_NAME = "laplace.safetensors"
+"""The tensor file of an unsharded artifact."""
 INDEX_NAME = "laplace.safetensors.index.json"
+"""The index of a sharded artifact: which shard holds which tensor."""
 CARD_NAME = "README.md"
+"""The optional model card of an artifact folder."""
 
 DType = Literal["float32", "float16", "bfloat16", "float64"]
+"""The dtypes an artifact may store its tensors in."""
 # The option vocabularies, spelled once: producers, the CLI (typing.get_args) and the sweep use these.
 EstimatorKind = Literal["empirical", "mc", "batch_empirical"]
+"""How gradients are formed (SPEC.md §6): labels from the data, drawn from the model, or per mini-batch."""
 Normalization = Literal["per_sequence", "per_token"]
+"""What the curvature is a mean over (SPEC.md §6): source sequences or tokens."""
 KfacApprox = Literal["expand", "reduce"]
+"""How K-FAC treats the positions of a sequence (SPEC.md §6): each an example, or one mean per sequence."""
 MAX_KEY_LENGTH = 512
 MIN_DATASET_WEIGHT = 2.0**-16  # a weight is 0 or at least this: smaller ones underflow in float32
 MAX_DATASET_WEIGHT = 2.0**16  # with stored values ≤ 2^40, a Kronecker penalty stays within float32 (SPEC.md §8.3)
@@ -292,7 +341,6 @@ class Manifest(_Model):
     lineage: list[LineageEntry] | None = Field(default=None, min_length=1, max_length=256)
 
 
-# What each minor added: a manifest using these needs at least that spec_version (SPEC.md §10).
 INTRODUCED_IN = {
     **{
         f"structure {name}": e.introduced_in
@@ -301,6 +349,7 @@ INTRODUCED_IN = {
     },
     "field lineage": "1.1",
 }
+"""What each minor added: a manifest using these needs at least that spec_version (SPEC.md §10)."""
 
 
 def features(manifest: Manifest) -> set[str]:

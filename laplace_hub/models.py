@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
+import importlib
 from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 from typing import Any, cast
@@ -12,6 +14,7 @@ from torch import nn
 
 from laplace_hub.errors import LaplaceHubError, MissingExtraError
 from laplace_hub.linear import is_linear, linear_shape
+from laplace_hub.progress import routed_tqdm
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_REPO_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -43,10 +46,14 @@ def load_model(
         path = smollm2_path()
         model, gguf_file = str(path.parent), path.name
     kwargs: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {}
+    if gguf_file:  # its conversion draws a tqdm bar that no switch of transformers reaches: route it
+        with contextlib.suppress(ImportError):
+            importlib.import_module("transformers.modeling_gguf_pytorch_utils")
     try:
         tokenizer = AutoTokenizer.from_pretrained(model, **kwargs)
         placement = {"device_map": device_map} if device_map else {}
-        loaded = AutoModelForCausalLM.from_pretrained(model, dtype=dtype, **kwargs, **placement)
+        with routed_tqdm("transformers.modeling_gguf_pytorch_utils"):
+            loaded = AutoModelForCausalLM.from_pretrained(model, dtype=dtype, **kwargs, **placement)
     except (OSError, ValueError) as e:
         raise LaplaceHubError(f"cannot load model {model!r}: {str(e).splitlines()[0]}") from e
     if tokenizer.pad_token is None:

@@ -3,6 +3,9 @@
 Known errors become one line on stderr and exit 1, the library's parameters spelled as the
 command's flags (a command lists them as its ``flags`` default); usage errors exit 2. Set
 ``LAPLACE_HUB_DEBUG=1`` to see tracebacks.
+
+Progress goes to stderr: a bar on a terminal, plain lines (no carriage returns) when stderr is
+redirected, nothing with ``--quiet`` (before or after the command's name).
 """
 
 from __future__ import annotations
@@ -25,8 +28,9 @@ from laplace_hub.cli import (
     sweep_cmd,
     validate_cmd,
 )
-from laplace_hub.cli._common import error_line
+from laplace_hub.cli._common import add_quiet, error_line
 from laplace_hub.errors import LaplaceHubError
+from laplace_hub.progress import bars_wanted, library_bars, quiet
 
 COMMANDS = (
     demo_cmd,
@@ -49,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run `laplace-hub COMMAND --help` for examples.",
     )
     parser.add_argument("--version", action="version", version=f"laplace-hub {__version__}")
+    add_quiet(parser, default=False)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command in COMMANDS:
         command.register(sub)
@@ -62,7 +67,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(stream, io.TextIOWrapper):
             stream.reconfigure(errors="backslashreplace")
     try:
-        return int(args.run(args))
+        with quiet(args.quiet), library_bars(bars_wanted()):
+            return int(args.run(args))
     except LaplaceHubError as e:
         return _fail(f"error: {error_line(e, getattr(args, 'flags', {}))}", e)
     except KeyboardInterrupt:

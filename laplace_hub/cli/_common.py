@@ -19,12 +19,25 @@ _PARAMETER = re.compile(r"`(\w+)`")
 
 def add_command(sub: Any, name: str, summary: str, examples: str) -> argparse.ArgumentParser:
     """Register a subcommand whose ``--help`` ends with usage examples."""
-    return sub.add_parser(
+    parser = sub.add_parser(
         name,
         help=summary,
         description=summary,
         epilog="examples:\n" + examples,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_quiet(parser, default=argparse.SUPPRESS)  # also after the command's name; the global flag's value stands
+    return parser
+
+
+def add_quiet(parser: argparse.ArgumentParser, default: Any) -> None:
+    """``-q/--quiet``: no progress on stderr (results, warnings and errors still appear)."""
+    parser.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        default=default,
+        help="no progress bars or progress lines on stderr (results, warnings and errors still appear)",
     )
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -28,6 +27,7 @@ from laplace_hub.producers.distributed import (
 )
 from laplace_hub.producers.options import COMPUTED_STRUCTURES
 from laplace_hub.producers.plan import PassPlan, default_budget, input_owners, plan_passes
+from laplace_hub.progress import note
 
 # library parameter (as its errors name it) → this command's flag; `--rank` sets whichever rank applies
 FLAGS = {
@@ -241,5 +241,5 @@ def _plan(
     budget = smallest_over_ranks(budget or default_budget(input_device(model)))
     plan = plan_passes(shapes, input_owners(model, targets, first), options, budget)
     if rank_and_world()[0] == 0:
-        print(plan.describe(), file=sys.stderr)
+        note(plan.describe())
     return plan

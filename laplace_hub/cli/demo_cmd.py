@@ -20,8 +20,8 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--out", default="out/demo", help="folder for the local hub, runs.csv, demo.json, pareto.png")
     p.add_argument("--steps", type=int, help="LoRA training steps per run (default 40)")
-    p.add_argument("--seeds", help="comma-separated seeds (default 0,1,2)")
-    p.add_argument("--strengths", help="comma-separated λ grid (default 3,10,30,100)")
+    p.add_argument("--seeds", help="comma-separated seeds (default 0)")
+    p.add_argument("--strengths", help="comma-separated λ grid (default 10,100)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(run=run)
 

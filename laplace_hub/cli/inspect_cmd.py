@@ -1,12 +1,16 @@
-"""``laplace-hub inspect``: a readable summary of an artifact."""
+"""``laplace-hub inspect``: a readable summary of an artifact, or of the prior an adapter was trained under."""
 
 from __future__ import annotations
 
 import argparse
+import os
+from pathlib import Path
 from typing import Any
 
 from laplace_hub.artifact import Artifact
 from laplace_hub.cli._common import add_command, add_max_bytes, human_bytes, print_json
+from laplace_hub.consumers.provenance import ADAPTER_CONFIG, PROVENANCE_FILE, read_provenance
+from laplace_hub.manifest import MANIFEST_NAME
 
 
 def register(sub: Any) -> None:
@@ -19,9 +23,10 @@ def register(sub: Any) -> None:
         "  laplace-hub inspect ./my-artifact --json | jq .total_bytes\n"
         "  laplace-hub inspect ./my-artifact --model smollm2   # also: bytes vs the whole base model\n"
         "Sizes are compared with weights at bf16 (2 bytes a parameter): the covered modules' always,\n"
-        "the whole base model's (parameters counted from its config, no weights loaded) with --model.",
+        "the whole base model's (parameters counted from its config, no weights loaded) with --model.\n"
+        "  laplace-hub inspect ./my-adapter   # a PEFT adapter folder: the prior it was trained under",
     )
-    parser.add_argument("path", help="the artifact folder")
+    parser.add_argument("path", help="the artifact folder, or a PEFT adapter folder (adapter_config.json)")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     parser.add_argument("--model", help="base model (folder, Hub id or 'smollm2') to compare the artifact's bytes with")
     parser.add_argument("--gguf-file", help="GGUF file name inside --model")
@@ -101,6 +106,8 @@ def base_model_parameters(model: str, gguf_file: str | None = None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Print the summary."""
+    if is_adapter_folder(args.path):
+        return run_adapter(args)
     artifact = Artifact.open(args.path, max_bytes=args.max_bytes)
     parameters = base_model_parameters(args.model, args.gguf_file) if args.model else None
     summary = summarize(artifact, parameters)
@@ -143,4 +150,53 @@ def run(args: argparse.Namespace) -> int:
         )
     )
     print("software    " + ", ".join(f"{k} {v}" for k, v in summary["software"].items()))
+    return 0
+
+
+# --- a PEFT adapter folder: the prior it was trained under ----------------------------------------
+
+
+def is_adapter_folder(path: str) -> bool:
+    """A PEFT adapter folder (``adapter_config.json``) that is not also an artifact (``laplace.json``)."""
+    folder = Path(path)
+    return os.path.lexists(folder / ADAPTER_CONFIG) and not os.path.lexists(folder / MANIFEST_NAME)
+
+
+def adapter_summary(path: str) -> dict[str, Any]:
+    """What ``inspect`` shows of an adapter folder, as JSON data (``provenance`` is ``None`` without a record)."""
+    record = read_provenance(path)
+    return {"adapter_folder": path, "provenance": None if record is None else record.model_dump(mode="json")}
+
+
+def run_adapter(args: argparse.Namespace) -> int:
+    """Print the provenance recorded beside an adapter (one-line error when it is unreadable)."""
+    summary = adapter_summary(args.path)
+    if args.json:
+        print_json(summary)
+        return 0
+    record = summary["provenance"]
+    print(f"adapter     {args.path}")
+    if record is None:
+        print(f"provenance  none recorded ({PROVENANCE_FILE} absent): not trained with a laplace-hub regularizer,")
+        print("            or saved without its provenance")
+        return 0
+    print(f"trained     laplace-hub {record['laplace_hub_version']}, adapter {record['adapter']!r}")
+    print(f"penalty     λ = {record['strength']:g}, mode {record['mode']}, {record['modules']} module(s)")
+    artifact = record["artifact"]
+    if artifact is None:
+        prior = "isotropic L2 (P = I)" if record["prior"] == "identity" else "given in code (no artifact)"
+        print(f"prior       {prior}")
+        return 0
+    if artifact["repo_id"]:
+        where = artifact["repo_id"] + (f" @ {artifact['revision']}" if artifact["revision"] else " (revision unknown)")
+        where += f", subfolder {artifact['subfolder']}" if artifact["subfolder"] else ""
+    else:
+        where = f"{artifact['path'] or 'an artifact held in memory'} (a local folder, not pulled)"
+    print(f"prior       {where}")
+    print(f"manifest    sha256 {artifact['manifest_sha256'] or 'unknown'}")
+    base = artifact["base_model"] + (f" @ {artifact['base_model_revision']}" if artifact["base_model_revision"] else "")
+    print(
+        f"artifact    spec {artifact['spec_version']}, {', '.join(artifact['structures'])}, "
+        f"{artifact['parameterization']}, normalisation {artifact['normalization']}, base model {base}"
+    )
     return 0

@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from laplace_hub.artifact import Artifact
+from laplace_hub.consumers.provenance import ArtifactSource, artifact_source
 from laplace_hub.curvature import (
     Block,
     BlockSum,
@@ -92,7 +93,9 @@ class LaplaceRegularizer(nn.Module):
       projected once onto the LoRA factors at their init (or taken as stored from a
       ``lora``-parameterised artifact, whose init the model must carry).
 
-    Build it with :meth:`from_artifact` or :meth:`identity`.
+    Build it with :meth:`from_artifact` or :meth:`identity`. It remembers which prior it holds
+    (``prior``, and the artifact's origin in ``source``), for the adapter's provenance record
+    (:func:`~laplace_hub.consumers.write_provenance`).
     """
 
     def __init__(
@@ -108,6 +111,9 @@ class LaplaceRegularizer(nn.Module):
         self.mode = mode
         self.dtype = dtype
         self._modules_list = modules
+        self.adapter = modules[0].adapter if modules else "default"
+        self.prior: Literal["artifact", "identity", "custom"] = "custom"
+        self.source: ArtifactSource | None = None  # the artifact's origin and contents (from_artifact)
         # Modules of one structure and shape are evaluated as one stacked block: a few kernels
         # per step instead of several per module.
         grouped: dict[Hashable, list[int]] = {}
@@ -201,7 +207,9 @@ class LaplaceRegularizer(nn.Module):
                 a0, b0 = m.lora_a.detach().to(dtype), m.lora_b.detach().to(dtype)
                 block = block.project_lora(a0, b0, m.scaling, cross=cross)
             blocks.append(block)
-        return cls(modules, blocks, strength, mode, dtype)
+        regularizer = cls(modules, blocks, strength, mode, dtype)
+        regularizer.prior, regularizer.source = "artifact", artifact_source(artifact)
+        return regularizer
 
     @classmethod
     def from_pretrained(
@@ -227,7 +235,14 @@ class LaplaceRegularizer(nn.Module):
         blocks = [
             _identity_pair(m) if mode == "lora_init" else identity_block(*_dims(m), m.lora_a.device) for m in modules
         ]
-        return cls(modules, blocks, strength, mode)
+        regularizer = cls(modules, blocks, strength, mode)
+        regularizer.adapter, regularizer.prior = adapter, "identity"
+        return regularizer
+
+    @property
+    def num_modules(self) -> int:
+        """How many LoRA modules the penalty covers."""
+        return len(self._modules_list)
 
     def forward(self) -> Tensor:
         """The penalty, a scalar (in ``dtype``) differentiable in the LoRA factors."""

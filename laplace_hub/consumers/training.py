@@ -1,7 +1,8 @@
 """The penalty inside the loss: for plain loops, transformers' Trainer and TRL's SFTTrainer.
 
 The penalty is added to the loss (never to gradients in a callback), so gradient accumulation and
-clipping behave as usual.
+clipping behave as usual. Every adapter they save (checkpoints, ``save_model``, ``push_to_hub``)
+records the prior it was trained under (:mod:`laplace_hub.consumers.provenance`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from typing import Any
 
 from torch import Tensor
 
+from laplace_hub.consumers.provenance import Provenance, write_provenance
 from laplace_hub.consumers.regularizer import LaplaceRegularizer
 from laplace_hub.errors import MissingExtraError
 
@@ -20,11 +22,26 @@ def regularized_loss(loss: Tensor, regularizer: LaplaceRegularizer | None) -> Te
     return loss if regularizer is None else loss + regularizer().to(loss.dtype)
 
 
+def save_adapter(model: Any, folder: str | Path, regularizer: LaplaceRegularizer, **kwargs: Any) -> Provenance:
+    """``model.save_pretrained(folder, **kwargs)``, then the record of the prior beside the adapter.
+
+    For plain loops; the Trainer mixins do the same on every save. See
+    :func:`~laplace_hub.consumers.write_provenance`.
+
+    Returns:
+        The record written to ``laplace_provenance.json`` and the model card.
+
+    """
+    model.save_pretrained(str(folder), **kwargs)
+    return write_provenance(folder, regularizer)
+
+
 class LaplaceTrainerMixin:
     """Mix into a ``transformers.Trainer`` subclass: ``compute_loss`` adds the penalty and logs it.
 
     Pass ``regularizer=`` to the constructor; ``laplace_penalty`` and ``laplace_strength`` are
-    logged alongside the loss.
+    logged alongside the loss. Every save (checkpoint, ``save_model``, ``push_to_hub``) writes the
+    regularizer's provenance beside the adapter and into its model card.
     """
 
     def __init__(self, *args: Any, regularizer: LaplaceRegularizer | None = None, **kwargs: Any) -> None:
@@ -57,6 +74,18 @@ class LaplaceTrainerMixin:
             if folder:
                 self.regularizer.load(str(folder))
         return super().train(resume_from_checkpoint, *args, **kwargs)  # type: ignore[misc]
+
+    def _save(self, output_dir: str | None = None, *args: Any, **kwargs: Any) -> None:
+        # every save path of Trainer (checkpoints, save_model, FSDP / DeepSpeed) ends here, before any push
+        super()._save(output_dir, *args, **kwargs)  # type: ignore[misc]
+        if self.regularizer is not None and self.args.should_save:  # type: ignore[attr-defined]
+            write_provenance(output_dir or self.args.output_dir, self.regularizer)  # type: ignore[attr-defined]
+
+    def create_model_card(self, *args: Any, **kwargs: Any) -> None:
+        # push_to_hub writes a fresh card (Trainer's or TRL's) after saving: put the record back in
+        super().create_model_card(*args, **kwargs)  # type: ignore[misc]
+        if self.regularizer is not None and self.args.should_save:  # type: ignore[attr-defined]
+            write_provenance(self.args.output_dir, self.regularizer)  # type: ignore[attr-defined]
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if self.regularizer is not None and self._penalty_count and "loss" in logs:

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-from tqdm.auto import tqdm
 
 from laplace_hub.artifact import Artifact
 from laplace_hub.consumers import LaplaceRegularizer, MaskTheTarget, regularized_loss
@@ -27,6 +26,7 @@ from laplace_hub.evaluation.tasks import Example
 from laplace_hub.manifest import BaseModelInfo
 from laplace_hub.models import select_targets
 from laplace_hub.producers import ComputeOptions, compute_artifact
+from laplace_hub.progress import progress
 
 # methods that read the weight-space artifact of the structure they are named after
 STRUCTURE_METHODS = ("diag", "diag_lowrank", "kron", "kron_eig", "kron_eig_sketch")
@@ -40,6 +40,8 @@ METHODS = (
     "flat_lora",
     "migu",
 )
+"""The methods a sweep compares: plain ``lora``, ``l2``, LaLoRA with each weight-space structure,
+the paper's LoRA-init form (``lora_init``) and the baselines Mask-the-Target, MiLoRA, Flat-LoRA and MIGU."""
 # methods whose knob is not a penalty strength sweep their own grid: Flat-LoRA's ρ, MIGU's fraction t
 OWN_GRIDS = {
     "lora": (0.0,),
@@ -256,7 +258,7 @@ def run_sweep(
         rows.insert(
             0, {"method": "base", "strength": 0.0, "seed": None, "seconds": 0.0, **evaluate(base, tokenizer, data)}
         )
-    for method, strength, seed in tqdm(pending_runs(cfg, done), desc="sweep", unit="run"):
+    for method, strength, seed in progress(pending_runs(cfg, done), desc="sweep", unit="run"):
         model, seconds = finetune(base, tokenizer, data.train, method, strength, artifacts, cfg, seed)
         rows.append(
             {

@@ -47,6 +47,7 @@ from laplace_hub.errors import (
 )
 from laplace_hub.hub.locations import endpoint_of, local_root, repo_path
 from laplace_hub.manifest import CARD_NAME, INDEX_NAME, MANIFEST_NAME, expected_tensors, parse_manifest
+from laplace_hub.progress import note
 
 MAX_CARD_BYTES = 2**20
 _CHUNK = 8 * 2**20
@@ -552,6 +553,8 @@ def _pull_remote(
                     )
             wanted = [name for name in listed if listing is None or name in listing]  # absent: verification names it
             if wanted:
+                mib = sum(listed[name] for name in wanted) / 2**20
+                note(f"pull {where}: downloading {len(wanted)} file(s), {mib:.1f} MiB, then verifying them")
                 download(wanted)
         return folder
 

@@ -15,6 +15,7 @@ from laplace_hub.errors import HubError, MissingExtraError
 from laplace_hub.hub.card import build_card
 from laplace_hub.hub.locations import endpoint_of, local_root, repo_path
 from laplace_hub.manifest import CARD_NAME, MANIFEST_NAME
+from laplace_hub.progress import note
 from laplace_hub.validate import validate
 
 
@@ -152,6 +153,7 @@ def _push_remote(
         CommitOperationAdd(f"{prefix}{name}", str(folder / name)) for name in _artifact_files(artifact)
     ]
     operations.append(CommitOperationAdd(f"{prefix}{CARD_NAME}", card.encode()))
+    mib = sum(file.size for file in artifact.manifest.files.values()) / 2**20
     try:
         if create_repo:
             api.create_repo(repo_id, private=private, exist_ok=True)
@@ -166,6 +168,7 @@ def _push_remote(
             if path.startswith(f"{prefix}laplace") and "/" not in path[len(prefix) :] and path not in new
         ]
         operations += [CommitOperationDelete(path) for path in stale]
+        note(f"push {repo_id}: uploading {len(new)} file(s), {mib:.1f} MiB")
         info = api.create_commit(
             repo_id,
             operations,

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
-from tqdm.auto import tqdm
 
 from laplace_hub.artifact import Artifact, ArtifactBuilder
 from laplace_hub.curvature import Block
@@ -31,6 +30,7 @@ from laplace_hub.producers.blocks import make_blocks
 from laplace_hub.producers.distributed import all_reduce_sums, input_device, rank_and_world
 from laplace_hub.producers.options import ComputeOptions, CurvatureOptions, LoraOptions
 from laplace_hub.producers.plan import PassPlan
+from laplace_hub.progress import progress
 
 Batch = Mapping[str, Tensor]
 logger = logging.getLogger(__name__)
@@ -103,7 +103,7 @@ def _accumulate(
     if len(batches) < world:
         raise DataError(f"dataset {label!r} has {len(batches)} batch(es) for {world} processes; give each one")
     mine = [b for i, b in enumerate(batches) if i % world == rank]
-    bar = tqdm(mine, desc=f"curvature [{label}]", unit="batch", disable=rank != 0, leave=False)
+    bar = progress(mine, desc=f"curvature [{label}]", unit="batch", disable=rank != 0, leave=False)
     start = time.perf_counter()
     for batch in bar:
         sequences, tokens = _backward_batch(model, batch, acc, options, gen)

@@ -3,17 +3,27 @@
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from peft import LoraConfig, get_peft_model
 from transformers import PreTrainedTokenizerFast, TrainingArguments
 
 from laplace_hub.artifact import Artifact
-from laplace_hub.consumers import LaplaceRegularizer, adapted_modules, laplace_sft_trainer_class, laplace_trainer_class
+from laplace_hub.cli import main
+from laplace_hub.consumers import (
+    PROVENANCE_FILE,
+    LaplaceRegularizer,
+    adapted_modules,
+    laplace_sft_trainer_class,
+    laplace_trainer_class,
+)
 from laplace_hub.data import pad_batch
-from laplace_hub.manifest import BaseModelInfo
+from laplace_hub.manifest import MANIFEST_NAME, BaseModelInfo
 from laplace_hub.models import select_targets
 from laplace_hub.producers import ComputeOptions, compute_artifact
 from tests.conftest import tiny_llama
@@ -138,6 +148,34 @@ def test_checkpoint_saves_and_restores_the_lora_init_anchor(base, artifact_dir: 
     for key, value in anchors.items():
         torch.testing.assert_close(fresh.state_dict()[key], value)
     assert fresh.strength == 10.0
+
+
+def test_trainer_saves_the_prior_beside_the_adapter(base, artifact_dir: Path, tmp_path: Path, capsys) -> None:
+    model = peft(base)
+    reg = LaplaceRegularizer.from_artifact(Artifact.open(artifact_dir), model, strength=25.0)
+    trainer = laplace_trainer_class()(
+        model=model,
+        args=args(tmp_path / "run", max_steps=2, gradient_accumulation_steps=1, save_strategy="steps", save_steps=2),
+        train_dataset=Examples(),
+        regularizer=reg,
+    )
+    trainer.train()
+    out = tmp_path / "adapter"
+    trainer.save_model(str(out))
+    sha = hashlib.sha256((artifact_dir / MANIFEST_NAME).read_bytes()).hexdigest()
+    for folder in (out, tmp_path / "run" / "checkpoint-2"):  # the final save and every checkpoint
+        assert (folder / "adapter_config.json").is_file()
+        record = json.loads((folder / PROVENANCE_FILE).read_text())
+        assert (record["mode"], record["strength"], record["artifact"]["manifest_sha256"]) == ("weight", 25.0, sha)
+        metadata = yaml.safe_load((folder / "README.md").read_text().split("---\n")[1])
+        assert metadata["library_name"] == "peft" and metadata["laplace_hub"] == record
+    assert main(["inspect", str(out)]) == 0
+    shown = capsys.readouterr().out
+    assert "λ = 25, mode weight" in shown and f"sha256 {sha}" in shown
+    (out / PROVENANCE_FILE).write_text('{"provenance_version": 1, "mode": ')  # corrupted
+    assert main(["inspect", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and PROVENANCE_FILE in err and len(err.strip().splitlines()) == 1
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
