@@ -10,6 +10,8 @@ diag_lowrank / kron_eig rank; both), compresses the artifact, writes it (verifie
 Prints bytes, the ratio to the source and to the covered weights at bf16, the median (and max)
 relative error over the deltas against the source, and for a lower dtype at rank k also against the
 float32 artifact at rank k (the dtype's own share). A variant that compress refuses prints why.
+``--also DIR`` adds artifacts computed otherwise (e.g. ``compute --rank 32 --sketch``), measured
+against the source with the same deltas.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ def main() -> None:
     parser.add_argument("--deltas", type=int, default=5)
     parser.add_argument("--lora-rank", type=int, default=8)
     parser.add_argument("--targets", default="q_proj,v_proj")
+    parser.add_argument("--also", type=Path, action="append", default=[], help="another artifact to compare; repeat")
     args = parser.parse_args()
     source = Artifact.open(args.artifact)
     suffixes = tuple(f".{t}" for t in args.targets.split(","))
@@ -80,6 +83,13 @@ def main() -> None:
             [(rank, None), (rank, "bfloat16"), (rank, "float16")] if rank else [(None, "bfloat16"), (None, "float16")]
         )
     full: dict[int | None, list[float]] = {None: penalty(source, modules, deltas)}
+    for other in args.also:
+        errors = _errors(penalty(Artifact.open(other), modules, deltas), full[None])
+        size = Artifact.open(other).nbytes()
+        print(
+            f"{other.name:<18} {size / 2**20:>7.1f} {size / source.nbytes():>8.3f} {size / covered:>9.3f} "
+            f"{'':>8} {statistics.median(errors):>11.2e} {max(errors):>9.2e}"
+        )
     with tempfile.TemporaryDirectory() as tmp:
         for rank, dtype in variants:
             label = " ".join(filter(None, (f"rank {rank}" if rank else None, dtype)))
@@ -93,16 +103,20 @@ def main() -> None:
             values = penalty(small, modules, deltas)
             if dtype is None:
                 full[rank] = values
-            errors = [abs(p - r) / r for p, r in zip(values, full[None], strict=True)]
+            errors = _errors(values, full[None])
             share = ""
             if dtype is not None and rank in full:
-                own = [abs(p - r) / r for p, r in zip(values, full[rank], strict=True)]
+                own = _errors(values, full[rank])
                 share = f"{statistics.median(own):.2e}"
             print(
                 f"{label:<18} {small.nbytes() / 2**20:>7.1f} {small.nbytes() / source.nbytes():>8.3f} "
                 f"{small.nbytes() / covered:>9.3f} {seconds:>8.1f} {statistics.median(errors):>11.2e} "
                 f"{max(errors):>9.2e} {share:>12}"
             )
+
+
+def _errors(values: list[float], reference: list[float]) -> list[float]:
+    return [abs(p - r) / r for p, r in zip(values, reference, strict=True)]
 
 
 if __name__ == "__main__":

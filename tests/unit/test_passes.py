@@ -153,3 +153,18 @@ def test_refused_options() -> None:
         ComputeOptions(structure="kron", eig_sketch=True).check()
     with pytest.raises(LaplaceHubError, match="≥ 1"):
         ComputeOptions(structure="kron", eig_rank=0).check()
+
+
+@pytest.mark.parametrize(
+    ("target", "reaches_layer_0"), [("model.layers.1.mlp.down_proj", False), ("model.layers.0.mlp.down_proj", True)]
+)
+def test_a_pass_backward_stops_at_its_lowest_module(model, batches, target, reaches_layer_0) -> None:  # noqa: F811
+    calls = []
+    handle = model.model.layers[0].register_full_backward_hook(lambda *_: calls.append(1))
+    try:
+        compute_artifact(
+            model, {"s": batches}, select_targets(model, target), _options(structure="diag"), BaseModelInfo(repo_id="t")
+        )
+    finally:
+        handle.remove()
+    assert bool(calls) == reaches_layer_0
