@@ -85,16 +85,31 @@ def _matches(name: str, pattern: str) -> bool:
     return name == pattern or name.endswith(f".{pattern}") or fnmatch.fnmatchcase(name, pattern)
 
 
-def linear_shapes(model: str, *, gguf_file: str | None = None) -> dict[str, tuple[int, int]]:
-    """``(d_out, d_in)`` of every linear module of a model, built on the meta device (no weights)."""
+def skeleton(model: str, *, gguf_file: str | None = None) -> nn.Module:
+    """A causal LM built on the meta device from its config alone: shapes and counts, no weights.
+
+    ``model`` is a folder, a Hub id (cached or online), or ``smollm2`` (the shipped GGUF).
+    """
     try:
         from transformers import AutoConfig, AutoModelForCausalLM
     except ImportError as e:
         raise MissingExtraError("transformers", "hf") from e
+    if model == "smollm2":
+        path = smollm2_path()
+        model, gguf_file = str(path.parent), path.name
     try:
         config = AutoConfig.from_pretrained(model, **({"gguf_file": gguf_file} if gguf_file else {}))
     except (OSError, ValueError) as e:
-        raise LaplaceHubError(f"cannot read the config of {model!r}: {str(e).splitlines()[0]}") from e
+        raise LaplaceHubError(f"cannot read the config of {model!r}: {str(e).splitlines()[0]}", location="model") from e
     with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config)
-    return {n: linear_shape(m) for n, m in skeleton.named_modules() if is_linear(m)}
+        return AutoModelForCausalLM.from_config(config)
+
+
+def linear_shapes(model: str, *, gguf_file: str | None = None) -> dict[str, tuple[int, int]]:
+    """``(d_out, d_in)`` of every linear module of a model (:func:`skeleton`)."""
+    return {n: linear_shape(m) for n, m in skeleton(model, gguf_file=gguf_file).named_modules() if is_linear(m)}
+
+
+def parameter_count(model: str, *, gguf_file: str | None = None) -> int:
+    """Parameters of a causal LM, a tied weight once (:func:`skeleton`)."""
+    return sum(p.numel() for p in skeleton(model, gguf_file=gguf_file).parameters())

@@ -11,6 +11,7 @@ from laplace_hub.artifact import Artifact
 from laplace_hub.cli._common import add_command, add_max_bytes, human_bytes, print_json
 from laplace_hub.consumers.provenance import ADAPTER_CONFIG, PROVENANCE_FILE, read_provenance
 from laplace_hub.manifest import MANIFEST_NAME
+from laplace_hub.models import parameter_count
 
 
 def register(sub: Any) -> None:
@@ -78,38 +79,12 @@ def summarize(artifact: Artifact, base_model_parameters: int | None = None) -> d
     }
 
 
-def base_model_parameters(model: str, gguf_file: str | None = None) -> int:
-    """Parameters of a causal LM (tied weights once), counted on the meta device from its config alone.
-
-    ``model`` is a folder, a Hub id, or ``smollm2`` (the shipped GGUF).
-    """
-    import torch
-
-    from laplace_hub.errors import LaplaceHubError, MissingExtraError
-    from laplace_hub.models import smollm2_path
-
-    try:
-        from transformers import AutoConfig, AutoModelForCausalLM
-    except ImportError as e:
-        raise MissingExtraError("transformers", "hf") from e
-    if model == "smollm2":
-        path = smollm2_path()
-        model, gguf_file = str(path.parent), path.name
-    try:
-        config = AutoConfig.from_pretrained(model, **({"gguf_file": gguf_file} if gguf_file else {}))
-    except (OSError, ValueError) as e:
-        raise LaplaceHubError(f"cannot read the config of {model!r}: {str(e).splitlines()[0]}", location="model") from e
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config)
-    return sum(p.numel() for p in skeleton.parameters())  # parameters() yields a tied weight once
-
-
 def run(args: argparse.Namespace) -> int:
     """Print the summary."""
     if is_adapter_folder(args.path):
         return run_adapter(args)
     artifact = Artifact.open(args.path, max_bytes=args.max_bytes)
-    parameters = base_model_parameters(args.model, args.gguf_file) if args.model else None
+    parameters = parameter_count(args.model, gguf_file=args.gguf_file) if args.model else None
     summary = summarize(artifact, parameters)
     if args.json:
         print_json(summary)
