@@ -55,7 +55,9 @@ class ArtifactSource(_Record):
     repo_id: Text | None = Field(None, description="the repo it was pulled from")
     revision: Text | None = Field(None, description="the resolved commit (a local hub: the sha256 of laplace.json)")
     subfolder: Text | None = None
-    path: Text | None = Field(None, description="the folder it was opened from, when not pulled")
+    path: Text | None = Field(
+        None, description="the name of the folder it was opened from, when not pulled (no local path is published)"
+    )
     manifest_sha256: Sha256 | None = Field(None, description="sha256 of laplace.json's bytes; none in memory")
     spec_version: Text
     structures: list[Text] = Field(max_length=64)
@@ -87,7 +89,7 @@ def artifact_source(artifact: Artifact) -> ArtifactSource:
         repo_id=repo_id,
         revision=getattr(origin, "revision", None),
         subfolder=getattr(origin, "subfolder", None) or None,
-        path=None if repo_id is not None or artifact.path is None else str(artifact.path),
+        path=None if repo_id is not None or artifact.path is None else Path(artifact.path).name,
         manifest_sha256=_manifest_sha256(artifact.path),
         spec_version=m.spec_version,
         structures=sorted({b.structure for module in m.modules.values() for b in module.blocks}),
