@@ -40,6 +40,7 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--eval-batches", type=int, default=4, help="held-out source batches of 4 that measure forgetting")
     p.add_argument("--max-length", type=int, default=64, help="tokens per source sequence")
+    p.add_argument("--no-probes", action="store_true", help="skip the forgetting probes beyond the source text")
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=run)
 
@@ -70,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
             curvature_batches=args.curvature_batches, eval_batches=args.eval_batches, max_length=args.max_length
         ),
         n_test=args.test_problems,
-        recipe=dataclasses.replace(SweepConfig(), steps=args.steps),
+        recipe=dataclasses.replace(SweepConfig(), steps=args.steps, probes=not args.no_probes),
     )
     result = run_continual(cfg)
     if args.json:

@@ -22,6 +22,7 @@ def register(sub: Any) -> None:
     p.add_argument("--steps", type=int, help="LoRA training steps per run (default 40)")
     p.add_argument("--seeds", help="comma-separated seeds (default 0)")
     p.add_argument("--strengths", help="comma-separated λ grid (default 10,100)")
+    p.add_argument("--no-probes", action="store_true", help="skip the forgetting probes beyond the source text")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(run=run)
 
@@ -38,6 +39,8 @@ def run(args: argparse.Namespace) -> int:
         changes["seeds"] = parse_list(args.seeds, int, "--seeds")
     if args.strengths:
         changes["strengths"] = parse_list(args.strengths, float, "--strengths")
+    if args.no_probes:
+        changes["probes"] = False
     cfg = dataclasses.replace(cfg, sweep=dataclasses.replace(cfg.sweep, **changes))
     result = run_demo(cfg)
     if args.json:

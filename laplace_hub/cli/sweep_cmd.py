@@ -83,6 +83,11 @@ def register(sub: Any) -> None:
         action="store_true",
         help="keep the runs already in OUT/runs.csv (an interrupted sweep, or other methods) and run only the rest",
     )
+    p.add_argument(
+        "--no-probes",
+        action="store_true",
+        help="skip the forgetting probes (near/out-of-domain text, the base model's chat answers, skills)",
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=run, flags=FLAGS)
 
@@ -108,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
             steps=args.steps,
             lr=args.lr,
             eig_rank=args.eig_rank,
+            probes=not args.no_probes,
         ),
         sizes=SourceSizes(
             curvature_batches=args.curvature_batches, eval_batches=args.eval_batches, max_length=args.max_length

@@ -8,16 +8,20 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from laplace_hub.errors import LaplaceHubError
+from laplace_hub.evaluation.probes import PROBE_METRICS
 
 METRICS = ("target_em", "source_nll", "source_accuracy")
 
 
 def summarize(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Mean and standard deviation over seeds of every metric, per (method, strength)."""
+    """Mean and standard deviation over seeds of every metric, per (method, strength).
+
+    The probes' metrics (one set, no split) are summarised where every run of the group has them.
+    """
     groups: dict[tuple[str, float], list[Mapping[str, Any]]] = {}
     for row in rows:
         groups.setdefault((row["method"], row["strength"]), []).append(row)
@@ -29,6 +33,11 @@ def summarize(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
                 values = [m[f"{split}_{metric}"] for m in members]
                 entry[f"{split}_{metric}"] = statistics.fmean(values)
                 entry[f"{split}_{metric}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        for metric in PROBE_METRICS:
+            probed = [m[metric] for m in members if m.get(metric) is not None]
+            if probed and len(probed) == len(members):
+                entry[metric] = statistics.fmean(probed)
+                entry[f"{metric}_std"] = statistics.stdev(probed) if len(probed) > 1 else 0.0
         entry["seconds"] = statistics.fmean(m["seconds"] for m in members)
         summary.append(entry)
     return summary
@@ -45,6 +54,8 @@ class Choice:
     forgetting_removed: float | None
     matched: bool
     verdict: str
+    probes: dict[str, float] = field(default_factory=dict)
+    """The forgetting probes' means at the chosen strength (none when the sweep measured none)."""
 
 
 def choose(
@@ -83,8 +94,18 @@ def choose(
             f" ({'matched' if matched else 'NOT matched'}), source NLL rise {rise:+.4f} vs LoRA "
             f"{lora_rise:+.4f}" + (f" ({removed:.0%} of LoRA's forgetting removed)" if removed is not None else "")
         )
+        probes = {m: best[m] for m in PROBE_METRICS if m in best}
         choices.append(
-            Choice(method, best["strength"], best["test_target_em"], best["test_source_nll"], removed, matched, verdict)
+            Choice(
+                method,
+                best["strength"],
+                best["test_target_em"],
+                best["test_source_nll"],
+                removed,
+                matched,
+                verdict,
+                probes,
+            )
         )
     return choices
 

@@ -4,6 +4,8 @@ Task 0 is the pretrained model with its K-FAC prior on source text. Task 1 is le
 under that prior and merged into the weights; its own curvature, computed at the new weights on
 its training data, is merged into the prior (``laplace-hub merge``). Task 2 is then learnt three
 ways from the task-1 weights: plain LoRA, the old source prior alone, and the merged posterior.
+With ``recipe.probes``, every model is also scored on the forgetting probes of
+:mod:`~laplace_hub.evaluation.probes`, built once from the base model.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from laplace_hub.artifact import merge
 from laplace_hub.data import Batch
 from laplace_hub.evaluation.demo import say
 from laplace_hub.evaluation.metrics import example_batches, source_metrics
+from laplace_hub.evaluation.probes import PROBE_LABELS, PROBE_METRICS, Probes, build_probes, probe_metrics
 from laplace_hub.evaluation.report import bar_panels, write_json, write_rows
 from laplace_hub.evaluation.sweep import SourceSizes, SweepConfig, finetune, pydoc_splits
 from laplace_hub.evaluation.tasks import task_splits
@@ -29,6 +32,13 @@ from laplace_hub.models import SMOLLM2_REPO_ID, load_model, select_targets
 from laplace_hub.producers import ComputeOptions, compute_artifact
 
 METRICS = ("source_nll", "task1_em", "task1_nll", "task2_em", "task2_nll")
+COLUMNS = {
+    "source_nll": "source NLL",
+    "task1_em": "task-1 EM",
+    "task1_nll": "task-1 NLL",
+    "task2_em": "task-2 EM",
+    "task2_nll": "task-2 NLL",
+}
 
 
 @dataclass(frozen=True)
@@ -74,12 +84,14 @@ def _answer_scores(model: Any, batches: Sequence[Batch]) -> tuple[float, float]:
     return correct / total, nll / tokens
 
 
-def _measure(model: Any, source: Sequence[Batch], tests: dict[str, list[Batch]]) -> dict[str, float]:
-    """Source NLL per token; per task, exact match and the NLL per token of the answers (finer than EM)."""
+def _measure(
+    model: Any, source: Sequence[Batch], tests: dict[str, list[Batch]], probes: Probes | None
+) -> dict[str, float]:
+    """Source NLL per token; per task, exact match and the NLL per token of the answers (finer than EM); probes."""
     scores = {"source_nll": source_metrics(model, source)["source_nll"]}
     for task, batches in tests.items():
         scores[f"{task}_em"], scores[f"{task}_nll"] = _answer_scores(model, batches)  # labels: the answers only
-    return scores
+    return scores | (probe_metrics(model, probes) if probes is not None else {})
 
 
 def run_continual(cfg: ContinualConfig) -> dict[str, Any]:
@@ -90,6 +102,10 @@ def run_continual(cfg: ContinualConfig) -> dict[str, Any]:
     task2 = task_splits(cfg.task2, cfg.n_train, 0, cfg.n_test, seed=2)
     tests = {"task1": example_batches(task1["test"], tokenizer), "task2": example_batches(task2["test"], tokenizer)}
     kron = ComputeOptions(structure="kron")
+    probes = None
+    if cfg.recipe.probes:
+        say("[task 0] forgetting probes: near/out-of-domain text, the base model's chat answers, skills")
+        probes = build_probes(model, tokenizer, cfg.recipe.probe_sizes)
 
     say(f"[task 0] K-FAC prior of SmolLM2 on pydoc ({len(curvature)} batches)")
     prior = compute_artifact(
@@ -114,8 +130,8 @@ def run_continual(cfg: ContinualConfig) -> dict[str, Any]:
     )
     posterior = merge(prior, new, decay=cfg.decay).save(cfg.out / "posterior", overwrite=True)
     rows = [
-        {"variant": "base model", "seed": None, **_measure(model, source_test, tests)},
-        {"variant": "after task 1", "seed": None, **_measure(after_1, source_test, tests)},
+        {"variant": "base model", "seed": None, **_measure(model, source_test, tests, probes)},
+        {"variant": "after task 1", "seed": None, **_measure(after_1, source_test, tests, probes)},
     ]
     variants = {
         "plain LoRA": ("lora", {}),
@@ -127,7 +143,7 @@ def run_continual(cfg: ContinualConfig) -> dict[str, Any]:
         for seed in cfg.seeds:
             say(f"[task 2] {cfg.task2}: {variant}, seed {seed}")
             tuned, _ = finetune(after_1, tokenizer, task2["train"], method, cfg.strength, artifacts, recipe, seed)
-            rows.append({"variant": variant, "seed": seed, **_measure(tuned, source_test, tests)})
+            rows.append({"variant": variant, "seed": seed, **_measure(tuned, source_test, tests, probes)})
     write_rows(rows, cfg.out / "runs.csv")
     config = {
         "task1": cfg.task1,
@@ -137,6 +153,7 @@ def run_continual(cfg: ContinualConfig) -> dict[str, Any]:
         "steps": cfg.recipe.steps,
         "n_test": cfg.n_test,
         "source": dataclasses.asdict(cfg.source),
+        "probes": dataclasses.asdict(cfg.recipe.probe_sizes) if probes is not None else None,
     }
     summary = summarize(rows)
     result = {"config": config, "summary": summary}
@@ -145,18 +162,20 @@ def run_continual(cfg: ContinualConfig) -> dict[str, Any]:
         "source_nll": "source NLL (lower: less forgetting)",
         "task1_nll": f"task 1 ({cfg.task1}) answer NLL",
         "task2_em": f"task 2 ({cfg.task2}) exact match",
+        **{m: PROBE_LABELS[m] for m in PROBE_METRICS if probes is not None},
     }
     bar_panels(summary, "variant", panels, cfg.out / "continual.png", "after task 2: what each prior kept")
     return result
 
 
 def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Mean and standard deviation over seeds per variant, in the order the variants ran."""
+    """Mean and standard deviation over seeds per variant, in the order the variants ran (probes if measured)."""
     out = []
+    measured = [*METRICS, *(m for m in PROBE_METRICS if all(m in r for r in rows))]
     for variant in dict.fromkeys(r["variant"] for r in rows):
         members = [r for r in rows if r["variant"] == variant]
         entry: dict[str, Any] = {"variant": variant, "seeds": len(members)}
-        for metric in METRICS:
+        for metric in measured:
             values = [m[metric] for m in members]
             entry[metric] = statistics.fmean(values)
             entry[f"{metric}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
@@ -165,15 +184,20 @@ def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def format_table(summary: Sequence[dict[str, Any]]) -> str:
-    """A Markdown table of the summary (test means ± sd over seeds)."""
-    lines = [
-        "| model | seeds | source NLL | task-1 EM | task-1 NLL | task-2 EM | task-2 NLL |",
-        "|---|---|---|---|---|---|---|",
-    ]
+    """A Markdown table of the summary (test means ± sd over seeds); the probes' in a second table."""
+    lines = _markdown(summary, COLUMNS)
+    probes = {m: PROBE_LABELS[m] for m in PROBE_METRICS if all(m in s for s in summary)}
+    if probes:
+        lines += ["", *_markdown(summary, probes)]
+    return "\n".join(lines)
+
+
+def _markdown(summary: Sequence[dict[str, Any]], columns: dict[str, str]) -> list[str]:
+    lines = ["| model | seeds | " + " | ".join(columns.values()) + " |", "|---|---|" + "---|" * len(columns)]
     for s in summary:
         cells = [
             f"{s[m]:.3f} ± {s[m + '_std']:.3f}" if m.endswith("_em") else f"{s[m]:.4f} ± {s[m + '_std']:.4f}"
-            for m in METRICS
+            for m in columns
         ]
         lines.append(f"| {s['variant']} | {s['seeds']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return lines

@@ -10,7 +10,7 @@ from laplace_hub.data import Batch
 from laplace_hub.errors import ArtifactError
 from laplace_hub.evaluation.choice import choices_json, choose, summarize
 from laplace_hub.evaluation.report import pareto_plot, table, write_json, write_rows
-from laplace_hub.evaluation.sweep import SourceSizes, SweepConfig, SweepData, pydoc_splits, run_sweep
+from laplace_hub.evaluation.sweep import SourceSizes, SweepConfig, SweepData, pydoc_splits, run_sweep, with_probes
 from laplace_hub.evaluation.tasks import task_splits
 from laplace_hub.hub import pull, push
 from laplace_hub.manifest import BaseModelInfo
@@ -76,6 +76,9 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     )
     splits = task_splits("arithmetic", cfg.n_train, cfg.n_val, cfg.n_test, seed=cfg.seed)
     data = SweepData(splits["train"], splits["validation"], splits["test"], curvature, source_val, source_test)
+    if cfg.sweep.probes:
+        say("[fine-tuner] forgetting probes: near/out-of-domain text, the base model's chat answers, skills")
+    data = with_probes(data, model, tokenizer, cfg.sweep)
     rows = run_sweep(model, tokenizer, data, cfg.sweep, {"kron": pulled})
     summary = summarize(rows)
     choices = choose(summary, "retention")

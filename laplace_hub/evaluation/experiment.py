@@ -1,8 +1,9 @@
 """A λ sweep as one experiment on your own model and data: resumable, its results written to a folder.
 
 Everything cheap is checked before the model loads (minutes): the grid, the artifacts given in
-place of computed ones, the rows of an interrupted run, the target files and the source. Rows go
-to ``runs.csv`` after every run, so that a resumed experiment runs only what is missing.
+place of computed ones, the rows of an interrupted run, the target files, the source and the
+probes' out-of-domain text. Rows go to ``runs.csv`` after every run, so that a resumed experiment
+runs only what is missing.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from laplace_hub.artifact import Artifact
 from laplace_hub.data import DatasetSpec, check_source, load_texts
 from laplace_hub.errors import DataError, LaplaceHubError
 from laplace_hub.evaluation.choice import Choice, choices_json, choose, summarize
+from laplace_hub.evaluation.probes import python_license
 from laplace_hub.evaluation.report import pareto_plot, read_rows, write_json, write_rows
 from laplace_hub.evaluation.sweep import (
     ARTIFACT_FOR,
@@ -27,6 +29,7 @@ from laplace_hub.evaluation.sweep import (
     pending_runs,
     run_sweep,
     sized_splits,
+    with_probes,
 )
 from laplace_hub.evaluation.tasks import Example, read_examples, task_splits
 from laplace_hub.models import load_model
@@ -85,7 +88,8 @@ def run_experiment(experiment: SweepExperiment) -> SweepOutcome:
 
     Raises:
         LaplaceHubError: An unknown method or artifact structure, or an artifact that fails to open.
-        DataError: Target or source data missing or unreadable, or a ``runs.csv`` that is not one.
+        DataError: Target or source data missing or unreadable, a ``runs.csv`` that is not one, or
+            (with ``sweep.probes``) no ``LICENSE.txt`` in this Python for the out-of-domain probe.
 
     """
     cfg = experiment.sweep
@@ -95,11 +99,15 @@ def run_experiment(experiment: SweepExperiment) -> SweepOutcome:
     done = read_rows(runs_csv) if experiment.resume and runs_csv.is_file() else []
     targets = target_examples(experiment)
     check_source(experiment.source)
+    if cfg.probes:
+        python_license()  # the out-of-domain probe's source
     model, tokenizer = load_model(experiment.model, gguf_file=experiment.gguf_file)
     texts = load_texts(experiment.source, model, tokenizer, max_length=experiment.sizes.max_length)
     curvature, source_val, source_test = sized_splits(texts, tokenizer, experiment.sizes)
     data = SweepData(targets["train"], targets["validation"], targets["test"], curvature, source_val, source_test)
     pending = {method for method, _, _ in pending_runs(cfg, done)}
+    if pending or not any(r["method"] == "base" for r in done):  # the base answers only when a row needs them
+        data = with_probes(data, model, tokenizer, cfg, texts)
     missing = dataclasses.replace(cfg, methods=tuple(m for m in cfg.methods if m in pending and m not in given))
     artifacts = {**curvature_artifacts(model, data, missing), **given}
     rows = run_sweep(model, tokenizer, data, cfg, artifacts, done, save=lambda r: write_rows(r, runs_csv))

@@ -30,18 +30,23 @@ def _logits(model: nn.Module, batch: Batch) -> torch.Tensor:
 
 @torch.no_grad()
 def exact_match(model: nn.Module, batches: Sequence[Batch]) -> float:
-    """Share of examples whose whole completion greedy decoding would produce.
+    """Share of completions (runs of labelled tokens) that greedy decoding would produce.
 
-    Greedy decoding reproduces the completion exactly when every completion token is the argmax
-    given the true prefix, so one teacher-forced forward pass decides it.
+    Greedy decoding reproduces a completion exactly when every one of its tokens is the argmax
+    given the true prefix, so one teacher-forced forward pass decides it. A sequence usually holds
+    one completion; one that holds several (questions answered in turn) counts each.
     """
     correct, total = 0, 0
     for batch in batches:
         predicted = _logits(model, batch)[:, :-1].argmax(-1).cpu()
         targets = batch["labels"][:, 1:]
-        ok = (predicted == targets) | (targets == -100)
-        correct += int(ok.all(1).sum())
-        total += len(targets)
+        labelled = targets != -100
+        starts = labelled & ~nn.functional.pad(labelled[:, :-1], (1, 0))  # a run begins where its row's did not
+        run = starts.flatten().cumsum(0).view_as(labelled) - 1  # row-major, so no run crosses two rows
+        wrong = torch.zeros(int(starts.sum()), dtype=torch.long)
+        wrong.index_add_(0, run[labelled], (predicted != targets)[labelled].long())
+        correct += int((wrong == 0).sum())
+        total += len(wrong)
     return correct / total
 
 

@@ -1,4 +1,4 @@
-"""Sweep results as files a person or a script reads: CSV, JSON, a table and a Pareto plot."""
+"""Sweep results as files a person or a script reads: CSV, JSON, tables and a Pareto plot per forgetting measure."""
 
 from __future__ import annotations
 
@@ -10,25 +10,28 @@ from pathlib import Path
 from typing import Any
 
 from laplace_hub.errors import DataError, MissingExtraError
+from laplace_hub.evaluation.probes import PROBE_LABELS, PROBE_METRICS
 
 
 def write_rows(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
-    """Every run as CSV (one row per method, strength and seed)."""
+    """Every run as CSV (one row per method, strength and seed); a column a row lacks stays empty."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for row in rows for k in row)))
         writer.writeheader()
         writer.writerows(rows)
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
-    """Rows that :func:`write_rows` wrote, with numbers as numbers (an empty seed is ``None``)."""
+    """Rows that :func:`write_rows` wrote, with numbers as numbers (an empty seed or metric is ``None``)."""
 
     def value(column: str, text: str) -> Any:
         if column == "method":
             return text
         if column == "seed":
             return int(text) if text else None
+        if column not in ("strength", "seconds") and not text:
+            return None  # a probe an older sweep did not measure
         return float(text)
 
     try:
@@ -48,21 +51,38 @@ def write_json(data: Any, path: Path) -> None:
 
 
 def table(summary: Sequence[Mapping[str, Any]]) -> str:
-    """Test means ± standard deviations over seeds, one line per method and strength."""
+    """Test means ± standard deviations over seeds, one line per method and strength.
+
+    When the sweep measured the forgetting probes, a second table below gives their means ± sd.
+    """
     width = max(10, *(len(s["method"]) for s in summary))
     lines = [
         f"{'method':<{width}} {'λ':>7} {'seeds':>5}  {'target EM (test)':>17}  {'source NLL (test)':>18}  "
         f"{'source acc (test)':>17}"
     ]
     for s in summary:
-        strength = "-" if s["method"] in ("base", "lora") else f"{s['strength']:g}"
         lines.append(
-            f"{s['method']:<{width}} {strength:>7} {s['seeds']:>5}  "
+            f"{_run(s, width)}  "
             f"{s['test_target_em']:>8.3f} ± {s['test_target_em_std']:.3f}  "
             f"{s['test_source_nll']:>9.4f} ± {s['test_source_nll_std']:.4f}  "
             f"{s['test_source_accuracy']:>8.4f} ± {s['test_source_accuracy_std']:.4f}"
         )
+    probes = [m for m in PROBE_METRICS if all(m in s for s in summary)]
+    if probes:
+        lines += ["", f"{'forgetting probes':<{width + 14}}  " + "  ".join(f"{PROBE_LABELS[m]:>17}" for m in probes)]
+        for s in summary:
+            cells = [_cell(s[m], s[f"{m}_std"], 4 if m.endswith("_nll") else 3) for m in probes]
+            lines.append(f"{_run(s, width)}  " + "  ".join(f"{c:>17}" for c in cells))
     return "\n".join(lines)
+
+
+def _run(s: Mapping[str, Any], width: int) -> str:
+    strength = "-" if s["method"] in ("base", "lora") else f"{s['strength']:g}"
+    return f"{s['method']:<{width}} {strength:>7} {s['seeds']:>5}"
+
+
+def _cell(mean: float, std: float, digits: int) -> str:
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
 def _pyplot() -> Any:
@@ -84,40 +104,70 @@ def _save(fig: Any, path: Path) -> None:
 
 
 def pareto_plot(summary: Sequence[Mapping[str, Any]], path: Path, title: str) -> None:
-    """Source NLL (test) against target exact match (test): one line per method, marker size by λ."""
+    """Target exact match (test) against each forgetting measure: one panel per measure.
+
+    The held-out source NLL (test) always; then each probe the sweep measured. One line per
+    method, marker size by λ.
+    """
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(9, 5.5))
+    axes_x = {"test_source_nll": "held-out source NLL per token (test, lower = less forgetting)"}
+    for m in PROBE_METRICS:
+        if all(m in s for s in summary):
+            better = "lower" if m.endswith("_nll") else "higher"
+            axes_x[m] = f"{PROBE_LABELS[m]} ({better} = less forgetting)"
+    columns = min(3, len(axes_x))
+    rows = math.ceil(len(axes_x) / columns)
+    size = (9, 5.5) if len(axes_x) == 1 else (5 * columns + 1.5, 4 * rows)
+    fig, grid = plt.subplots(rows, columns, figsize=size, squeeze=False)
     colors, markers = plt.get_cmap("tab20"), "osD^vPXh<>p"
-    for index, method in enumerate(dict.fromkeys(s["method"] for s in summary)):
-        points = sorted((s for s in summary if s["method"] == method), key=lambda s: s["strength"])
-        x = [p["test_source_nll"] for p in points]
-        y = [p["test_target_em"] for p in points]
-        sizes = [30 + 25 * math.log10(1 + p["strength"]) for p in points]
-        style = {
-            "color": colors((2 * index + index // 10) % 20),  # dark shades first, then light
-            "marker": "*" if method == "base" else markers[index % len(markers)],
-        }
-        ax.plot(x, y, "-", alpha=0.5, color=style["color"])
-        ax.scatter(x, y, s=sizes, label=method, **style)
-        for p, xi, yi in zip(points, x, y, strict=True):
-            if method not in ("base", "lora"):
-                ax.annotate(f"{p['strength']:g}", (xi, yi), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.set_xlabel("held-out source NLL per token (test, lower = less forgetting)")
-    ax.set_ylabel("target exact match (test, higher = more learning)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    for ax, (key, label) in zip(grid.flat, axes_x.items(), strict=False):
+        for index, method in enumerate(dict.fromkeys(s["method"] for s in summary)):
+            points = sorted((s for s in summary if s["method"] == method), key=lambda s: s["strength"])
+            x = [p[key] for p in points]
+            y = [p["test_target_em"] for p in points]
+            sizes = [30 + 25 * math.log10(1 + p["strength"]) for p in points]
+            style = {
+                "color": colors((2 * index + index // 10) % 20),  # dark shades first, then light
+                "marker": "*" if method == "base" else markers[index % len(markers)],
+            }
+            ax.plot(x, y, "-", alpha=0.5, color=style["color"])
+            ax.scatter(x, y, s=sizes, label=method, **style)
+            for p, xi, yi in zip(points, x, y, strict=True):
+                if method not in ("base", "lora"):
+                    ax.annotate(f"{p['strength']:g}", (xi, yi), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_xlabel(label, fontsize=9 if len(axes_x) > 1 else None)
+        ax.locator_params(axis="x", nbins=5)
+        ax.grid(alpha=0.3)
+    for ax in grid[:, 0]:
+        ax.set_ylabel("target exact match (test, higher = more learning)", fontsize=9 if len(axes_x) > 1 else None)
+    for ax in list(grid.flat)[len(axes_x) :]:
+        ax.axis("off")
+    if len(axes_x) == 1:
+        grid[0, 0].set_title(title)
+        grid[0, 0].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    else:
+        fig.suptitle(title)
+        grid[0, -1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     _save(fig, path)
 
 
 def bar_panels(
-    summary: Sequence[Mapping[str, Any]], label: str, panels: Mapping[str, str], path: Path, title: str
+    summary: Sequence[Mapping[str, Any]],
+    label: str,
+    panels: Mapping[str, str],
+    path: Path,
+    title: str,
+    columns: int = 4,
 ) -> None:
-    """One bar chart per metric (``panels``: key → axis title), a bar per row (mean ± sd)."""
+    """One bar chart per metric (``panels``: key → axis title), a bar per row (mean ± sd), ``columns`` a row."""
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4))
+    columns = min(columns, len(panels))
+    rows = math.ceil(len(panels) / columns)
+    fig, grid = plt.subplots(rows, columns, figsize=(4 * columns, 4 * rows), squeeze=False)
+    for ax in list(grid.flat)[len(panels) :]:
+        ax.axis("off")
     names = [str(s[label]) for s in summary]
-    for ax, (key, axis_title) in zip(axes, panels.items(), strict=True):
+    for ax, (key, axis_title) in zip(grid.flat, panels.items(), strict=False):
         means, stds = [s[key] for s in summary], [s.get(f"{key}_std", 0.0) for s in summary]
         ax.bar(range(len(names)), means, yerr=stds, color=[f"C{i}" for i in range(len(names))], capsize=3)
         ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)

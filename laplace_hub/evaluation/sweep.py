@@ -1,7 +1,9 @@
 """λ sweeps: fine-tune per method, strength and seed; measure learning and forgetting.
 
 Every run is scored on validation and test data, so that :mod:`~laplace_hub.evaluation.choice`
-can choose λ on validation means and report test means, as the LaLoRA paper does.
+can choose λ on validation means and report test means, as the LaLoRA paper does; and, when the
+sweep's data carries them, on the forgetting probes of :mod:`~laplace_hub.evaluation.probes`
+(held out from the choice: one set each, reported beside the test means).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import copy
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import torch
@@ -22,6 +24,7 @@ from laplace_hub.data import Batch, make_batches, pydoc_texts
 from laplace_hub.errors import DataError, LaplaceHubError
 from laplace_hub.evaluation.baselines import MIGU, FlatLoRA, milora_init
 from laplace_hub.evaluation.metrics import exact_match, example_batches, source_metrics
+from laplace_hub.evaluation.probes import PROBE_METRICS, Probes, ProbeSizes, build_probes, probe_metrics
 from laplace_hub.evaluation.tasks import Example
 from laplace_hub.manifest import BaseModelInfo
 from laplace_hub.models import select_targets
@@ -56,7 +59,11 @@ ARTIFACT_FOR = {**{m: m for m in STRUCTURE_METHODS}, "lora_init": "diag"}
 
 @dataclass(frozen=True)
 class SweepConfig:
-    """The grid and the fine-tuning recipe shared by every run."""
+    """The grid and the fine-tuning recipe shared by every run.
+
+    ``probes`` turns on the forgetting probes (:func:`with_probes`, once per sweep) in the sweep,
+    the demo and the continual run; ``probe_sizes`` says how much each reads.
+    """
 
     methods: tuple[str, ...] = METHODS
     strengths: tuple[float, ...] = (10.0, 100.0, 1000.0)
@@ -69,6 +76,8 @@ class SweepConfig:
     eig_rank: int = 32
     lowrank_rank: int = 16
     check_fingerprint: bool = True
+    probes: bool = True
+    probe_sizes: ProbeSizes = field(default_factory=ProbeSizes)
 
     def check(self) -> None:
         """Refuse unknown methods and empty grids."""
@@ -81,7 +90,7 @@ class SweepConfig:
 
 @dataclass(frozen=True)
 class SweepData:
-    """Target examples and tokenized source batches, each split three ways."""
+    """Target examples and tokenized source batches, each split three ways; the probes, if measured."""
 
     train: list[Example]
     validation: list[Example]
@@ -89,6 +98,19 @@ class SweepData:
     source_curvature: list[Batch]
     source_validation: list[Batch]
     source_test: list[Batch]
+    probes: Probes | None = None
+
+
+def with_probes(
+    data: SweepData, base: Any, tokenizer: Any, cfg: SweepConfig, curvature_texts: Sequence[str] = ()
+) -> SweepData:
+    """``data`` with the forgetting probes built from ``base`` (its answers generated once), if ``cfg.probes``.
+
+    ``curvature_texts``: the source documents, which the near and out-of-domain probes avoid.
+    """
+    if not cfg.probes:
+        return data
+    return replace(data, probes=build_probes(base, tokenizer, cfg.probe_sizes, exclude=curvature_texts))
 
 
 def split_source(
@@ -216,7 +238,7 @@ def finetune(
 
 
 def evaluate(model: Any, tokenizer: Any, data: SweepData) -> dict[str, float]:
-    """Validation and test metrics of one model."""
+    """Validation and test metrics of one model, then the probes' (when ``data`` has them)."""
     out: dict[str, float] = {}
     for split, examples, source in (
         ("val", data.validation, data.source_validation),
@@ -225,6 +247,8 @@ def evaluate(model: Any, tokenizer: Any, data: SweepData) -> dict[str, float]:
         out[f"{split}_target_em"] = exact_match(model, example_batches(examples, tokenizer))
         for key, value in source_metrics(model, source).items():
             out[f"{split}_{key}"] = value
+    if data.probes is not None:
+        out.update(probe_metrics(model, data.probes))
     return out
 
 
@@ -254,10 +278,13 @@ def run_sweep(
     """
     cfg.check()
     rows = [dict(r) for r in done]
-    if not any(r["method"] == "base" for r in rows):
+    base_row = next((r for r in rows if r["method"] == "base"), None)
+    if base_row is None:
         rows.insert(
             0, {"method": "base", "strength": 0.0, "seed": None, "seconds": 0.0, **evaluate(base, tokenizer, data)}
         )
+    elif data.probes is not None and any(base_row.get(m) is None for m in PROBE_METRICS):
+        base_row.update(probe_metrics(base, data.probes))  # rows of a sweep run without the probes
     for method, strength, seed in progress(pending_runs(cfg, done), desc="sweep", unit="run"):
         model, seconds = finetune(base, tokenizer, data.train, method, strength, artifacts, cfg, seed)
         rows.append(

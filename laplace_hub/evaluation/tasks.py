@@ -1,4 +1,8 @@
-"""Target tasks as prompt/completion examples: generated (arithmetic, sorting), or the user's own file."""
+"""Target tasks as prompt/completion examples: generated (arithmetic, sorting), or the user's own file.
+
+Also the skills that the forgetting probes measure and that no target task trains (copying a
+list of words, naming its last word).
+"""
 
 from __future__ import annotations
 
@@ -44,21 +48,51 @@ def _sorting(rng: random.Random) -> Example:
 TASKS: dict[str, Callable[[random.Random], Example]] = {"arithmetic": _problem, "sorting": _sorting}
 
 
-def task_splits(task: str, n_train: int, n_val: int, n_test: int, seed: int = 0) -> dict[str, list[Example]]:
-    """Disjoint train/validation/test examples of a generated task (a name in :data:`TASKS`)."""
-    rng = random.Random(seed)
+WORDS = ["cat", "dog", "sun", "tree", "book", "milk", "road", "star", "fish", "rain", "lamp", "door", "hat", "cup"]
+
+
+def _copy(rng: random.Random) -> Example:
+    words = rng.sample(WORDS, rng.choice((3, 4)))
+    return Example(f"Q: Copy: {' '.join(words)}\nA:", " " + " ".join(words))
+
+
+def _last(rng: random.Random) -> Example:
+    words = rng.sample(WORDS, 4)
+    return Example(f"Q: Last word of: {' '.join(words)}\nA:", f" {words[-1]}")
+
+
+# name → one random example of a skill that no target task trains (words only: no numbers, no sorting)
+SKILLS: dict[str, Callable[[random.Random], Example]] = {"copy": _copy, "last": _last}
+
+
+def _distinct(make: Callable[[random.Random], Example], count: int, rng: random.Random) -> list[Example]:
     seen: set[str] = set()
     examples: list[Example] = []
-    while len(examples) < n_train + n_val + n_test:
-        example = TASKS[task](rng)
+    while len(examples) < count:
+        example = make(rng)
         if example.prompt not in seen:
             seen.add(example.prompt)
             examples.append(example)
+    return examples
+
+
+def task_splits(task: str, n_train: int, n_val: int, n_test: int, seed: int = 0) -> dict[str, list[Example]]:
+    """Disjoint train/validation/test examples of a generated task (a name in :data:`TASKS`)."""
+    examples = _distinct(TASKS[task], n_train + n_val + n_test, random.Random(seed))
     return {
         "train": examples[:n_train],
         "validation": examples[n_train : n_train + n_val],
         "test": examples[n_train + n_val :],
     }
+
+
+def skill_examples(skill: str, count: int, seed: int = 0) -> list[Example]:
+    """``count`` distinct questions of a skill (a name in :data:`SKILLS`).
+
+    >>> [e.completion for e in skill_examples("last", 3)]
+    [' cat', ' road', ' milk']
+    """
+    return _distinct(SKILLS[skill], count, random.Random(seed))
 
 
 def read_examples(path: Path) -> list[Example]:
