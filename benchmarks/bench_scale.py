@@ -83,11 +83,10 @@ def random_batches(vocab: int, batch_size: int, length: int, count: int) -> list
     return batches
 
 
-def predicted_peak(baseline_peak: int, gradients: int, plan_peak: int, finished: int) -> int:
-    """The memory model: the training step's own peak less the target weights' gradients (a pass
-    drops each as soon as it is formed), plus one pass's sums and the finished blocks (held in the
-    accumulation dtype until written)."""
-    return baseline_peak - gradients + plan_peak + finished
+def predicted_peak(baseline_peak: int, plan_peak: int, finished: int) -> int:
+    """The memory model: the training step's own peak (reached before its weight gradients exist),
+    plus one pass's sums and the finished blocks (held in the accumulation dtype until written)."""
+    return baseline_peak + plan_peak + finished
 
 
 def timed(fn: Any, sync: Any) -> float:
@@ -164,7 +163,6 @@ def measure(case: dict[str, Any], queue: mp.Queue) -> None:  # type: ignore[type
         validate_s = time.perf_counter() - start
     params = sum(p.numel() for p in model.parameters())
     stored = artifact.nbytes()
-    gradients = sum(m.weight.numel() * m.weight.element_size() for m in targets.values())
     finished = sum(t.numel() * 4 for t in artifact.tensors().values())  # float32 until written
     queue.put(
         dict(
@@ -181,7 +179,7 @@ def measure(case: dict[str, Any], queue: mp.Queue) -> None:  # type: ignore[type
             ratio=statistics.median(c / p for p, c in pairs),
             baseline_rss=baseline_rss,
             peak_rss=compute_rss,
-            predicted_rss=predicted_peak(baseline_rss, gradients, plan.peak, finished),
+            predicted_rss=predicted_peak(baseline_rss, plan.peak, finished),
             gpu_peak=gpu_peak,
             seconds=dict(load=load_s, curvature=compute_s, write=write_s, validate=validate_s),
         )

@@ -68,12 +68,16 @@ def eigen_factor_from_sketch(sketch: Tensor, test: Tensor, trace: Tensor | float
 
     The top ``rank`` Nyström eigenpairs are kept and the tail is the mean of the rest of the
     trace, as :meth:`DenseFactor.compress <laplace_hub.curvature.DenseFactor.compress>` defines
-    it from the exact spectrum; the two agree once the sketch is at least ``n`` wide.
+    it from the exact spectrum (capped at the smallest kept eigenvalue, which a narrow sketch can
+    underestimate); the two agree once the sketch is at least ``n`` wide.
     """
     n = test.shape[-1]
     values, vectors = nystrom_eigh(sketch, test)
     keep = min(rank, n, values.shape[0])
     tail = max(float(trace) - float(values[:keep].sum()), 0.0) / (n - keep) if keep < n else 0.0
+    # Nyström underestimates the top eigenvalues, so the rest of the trace can come out above the
+    # smallest kept one; the exact tail never does, and a tail above λ_k is no eigen factor.
+    tail = min(tail, float(values[keep - 1])) if keep else tail
     return EigenFactor(vectors[:, :keep].to(sketch.dtype), values[:keep].to(sketch.dtype), tail)
 
 

@@ -168,3 +168,19 @@ def test_a_pass_backward_stops_at_its_lowest_module(model, batches, target, reac
     finally:
         handle.remove()
     assert bool(calls) == reaches_layer_0
+
+
+def test_a_narrow_sketch_never_puts_the_tail_above_a_kept_eigenvalue() -> None:
+    """A flat spectrum: Nyström underestimates the top, so the rest of the trace exceeds λ_k."""
+    from laplace_hub.curvature.sketch import eigen_factor_from_sketch, nystrom_eigh, random_directions
+
+    n, rank = 128, 32
+    basis, _ = torch.linalg.qr(torch.randn(n, n, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
+    matrix = basis @ torch.diag(torch.linspace(2.0, 1.0, n, dtype=torch.float64)) @ basis.T
+    test = random_directions("flat", rank + 1, (n,), 0, torch.float64)
+    values, _ = nystrom_eigh(test @ matrix, test)
+    uncapped = float(matrix.trace() - values[:rank].sum()) / (n - rank)
+    assert uncapped > float(values[rank - 1])  # the case the cap is for
+    factor = eigen_factor_from_sketch(test @ matrix, test, matrix.trace(), rank)
+    assert factor.tail == pytest.approx(float(factor.eigenvalues[-1]))
+    assert torch.all(factor.eigenvalues[:-1] >= factor.eigenvalues[1:])
