@@ -24,8 +24,8 @@ from laplace_hub.validate import validate
 class DemoConfig:
     """Sizes chosen so that ``scripts/demo.sh`` (install included) finishes within 12 minutes on 2 CPU cores.
 
-    One fine-tuning run takes about two minutes there, so the demo runs three: plain LoRA and
-    K-FAC LaLoRA at two strengths, one seed. The full grid with seeds lives in ``laplace-hub sweep``.
+    One fine-tuning run takes about a minute there, so the demo runs six: plain LoRA and K-FAC
+    LaLoRA at two strengths, two seeds. The full grid lives in ``laplace-hub sweep``.
     """
 
     out: Path = Path("out/demo")
@@ -34,7 +34,7 @@ class DemoConfig:
     n_val: int = 100
     n_test: int = 100
     sweep: SweepConfig = field(
-        default_factory=lambda: SweepConfig(methods=("lora", "kron"), strengths=(10.0, 100.0), seeds=(0,))
+        default_factory=lambda: SweepConfig(methods=("lora", "kron"), strengths=(3.0, 10.0), seeds=(0, 1))
     )
     seed: int = 0
 
