@@ -32,11 +32,12 @@ from laplace_hub.producers import ComputeOptions, compute_artifact
 from laplace_hub.progress import progress
 
 # methods that read the weight-space artifact of the structure they are named after
-STRUCTURE_METHODS = ("diag", "diag_lowrank", "kron", "kron_eig", "kron_eig_sketch")
+STRUCTURE_METHODS = ("diag", "diag_lowrank", "kron", "kron_eig")
 METHODS = (
     "lora",
     "l2",
     *STRUCTURE_METHODS,
+    "kron_eig_sketch",  # a kron_eig artifact computed in one pass from sketches of the factors
     "lora_init",
     "mtt",
     "milora",
@@ -54,7 +55,7 @@ OWN_GRIDS = {
     "migu": (0.25, 0.5, 0.75),
 }
 # which weight-space artifact each method reads; lora_init is the paper's LaLoRA (diag at the init)
-ARTIFACT_FOR = {**{m: m for m in STRUCTURE_METHODS}, "lora_init": "diag"}
+ARTIFACT_FOR = {**{m: m for m in STRUCTURE_METHODS}, "kron_eig_sketch": "kron_eig_sketch", "lora_init": "diag"}
 
 
 @dataclass(frozen=True)
