@@ -15,6 +15,7 @@ import argparse
 import copy
 import statistics
 import time
+from typing import Any
 
 import torch
 
@@ -35,6 +36,24 @@ def median_time(fn, repeats: int) -> float:  # type: ignore[no-untyped-def]
         fn()
         runs.append(time.perf_counter() - start)
     return statistics.median(runs)
+
+
+def training_step(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[Any, list[torch.Tensor]]:
+    """A LoRA model's training step (forward, backward, AdamW) with ``B`` moved off zero, as during
+    training, and its trainable parameters."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=1e-3)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+
+    def step() -> None:
+        opt.zero_grad()
+        model(**batch).loss.backward()
+        opt.step()
+
+    return step, params
 
 
 def main() -> None:
@@ -76,18 +95,7 @@ def main() -> None:
         copy.deepcopy(base),
         LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=TARGETS.split(","), lora_dropout=0.0),
     )
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(std=1e-3)  # a moved adapter, as during training
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
-
-    def step() -> None:
-        opt.zero_grad()
-        model(**batch).loss.backward()
-        opt.step()
-
+    step, params = training_step(model, batch)
     regularizers = {
         "L2 (identity)": LaplaceRegularizer.identity(model, strength=1.0),
         **{f"{k}, weight": LaplaceRegularizer.from_artifact(a, model, strength=1.0) for k, a in artifacts.items()},

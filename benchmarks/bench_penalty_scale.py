@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from bench_penalty import median_time
+from bench_penalty import median_time, training_step
 from bench_scale import build, random_batches
 
 from laplace_hub.consumers import LaplaceRegularizer
@@ -45,18 +45,7 @@ def main() -> None:
     }
     config = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules="all-linear", lora_dropout=0.0)
     model = get_peft_model(base, config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(std=1e-3)  # a moved adapter, as during training
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
-
-    def step() -> None:
-        opt.zero_grad()
-        model(**batch).loss.backward()
-        opt.step()
-
+    step, params = training_step(model, batch)
     step_s = median_time(step, args.repeats)
     print(
         f"{args.shape} (random init), LoRA r={args.rank} on all {len(targets)} linear modules, "
