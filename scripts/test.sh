@@ -16,5 +16,7 @@ NO_MKDOCS_2_WARNING=1 .venv-test/bin/mkdocs build --strict --site-dir "$site" 2>
 # threads wait on each other whenever one is descheduled (the shortened continual run took
 # 148 s so, 46 s with one thread); subprocesses of the tests inherit it.
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-# Arguments go to pytest: `bash scripts/test.sh -m "not slow"` skips the slow end-to-end tests.
-.venv-test/bin/python -m pytest -q "$@"
+# Tests run on every core (pytest-xdist; worksteal evens out the few long end-to-end tests);
+# PYTEST_WORKERS=0 runs them in this process. Arguments go to pytest:
+# `bash scripts/test.sh -m "not slow"` skips the slow end-to-end tests.
+.venv-test/bin/python -m pytest -q -n "${PYTEST_WORKERS:-auto}" --dist worksteal "$@"

@@ -19,6 +19,7 @@ FLAGS = {
     "artifacts": "--artifact",
     "methods": "--methods",
     "targets": "--targets",
+    "curvature": "--curvature",
 }
 
 
@@ -33,6 +34,8 @@ def register(sub: Any) -> None:
         "      --target-test s.jsonl --methods lora,l2,diag,kron --strengths 1,10,100 --seeds 0,1,2 \\\n"
         "      --artifact kron=./pulled-artifact --priority learning --budget 0.02 --out sweep/ --json\n"
         "  laplace-hub sweep smollm2 --source pydoc=stdlib:pydoc --target arithmetic --out sweep/ --resume\n"
+        "  laplace-hub sweep smollm2 --source pydoc=stdlib:pydoc --target arithmetic --methods lora,kron \\\n"
+        "      --curvature own=self:32 --select budget --out sweep-self/   # data-free curvature, λ by bisection\n"
         'Target files are .jsonl of {"prompt": ..., "completion": ...}; the source file is split 3/4 for\n'
         "the curvature and 1/8 + 1/8 for validation and test of forgetting.",
     )
@@ -58,6 +61,14 @@ def register(sub: Any) -> None:
         "mtt (Mask-the-Target, own KL-weight grid 0.1,1,10), milora, flat_lora (own ρ grid 0.01,0.05,0.1), "
         "migu (own t grid .25,.5,.75)",
     )
+    p.add_argument(
+        "--curvature",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="compute the artifacts from this data instead of the source's curvature split (repeatable; "
+        "NAME=source is that split, self:N the model's own samples; each cut to the split's size)",
+    )
     p.add_argument("--strengths", default="10,100,1000")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--steps", type=int, default=40)
@@ -77,6 +88,14 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--tolerance", type=float, default=0.01, help="what 'matched' accuracy means (0.01 = 1 point)")
     p.add_argument("--budget", type=float, help="allowed source NLL rise for --priority learning")
+    p.add_argument(
+        "--select",
+        choices=["grid", "budget"],
+        default="grid",
+        help="grid: choose among --strengths; budget: then bisect (in log λ) towards the largest λ whose "
+        "validation target EM stays within --tolerance of plain LoRA's",
+    )
+    p.add_argument("--bisect-steps", type=int, default=3, help="bisection steps per method for --select budget")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument(
         "--resume",
@@ -127,6 +146,8 @@ def run(args: argparse.Namespace) -> int:
         priority=args.priority,
         tolerance=args.tolerance,
         budget=args.budget,
+        curvature=tuple(DatasetSpec.parse(item) for item in args.curvature),
+        bisect_steps=args.bisect_steps if args.select == "budget" else 0,
     )
     outcome = run_experiment(experiment)
     if args.json:

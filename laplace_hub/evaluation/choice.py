@@ -12,7 +12,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from laplace_hub.errors import LaplaceHubError
+from laplace_hub.evaluation.metrics import EXAMPLES, Scores
 from laplace_hub.evaluation.probes import PROBE_METRICS
+from laplace_hub.evaluation.stats import Draws, difference, interval
 
 METRICS = ("target_em", "source_nll", "source_accuracy")
 
@@ -21,6 +23,10 @@ def summarize(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Mean and standard deviation over seeds of every metric, per (method, strength).
 
     The probes' metrics (one set, no split) are summarised where every run of the group has them.
+    Where the runs carry per-example scores, each test metric and probe also gets its bootstrap 95 %
+    interval (``<metric>_ci``) and its paired difference to plain LoRA and to the base model
+    (``<metric>_vs_lora``, ``<metric>_vs_base``: difference, interval, significant), from
+    :mod:`~laplace_hub.evaluation.stats`.
     """
     groups: dict[tuple[str, float], list[Mapping[str, Any]]] = {}
     for row in rows:
@@ -40,7 +46,45 @@ def summarize(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
                 entry[f"{metric}_std"] = statistics.stdev(probed) if len(probed) > 1 else 0.0
         entry["seconds"] = statistics.fmean(m["seconds"] for m in members)
         summary.append(entry)
+    references = {name: groups.get((name, 0.0), []) for name in ("lora", "base")}
+    for entry in summary:
+        _add_intervals(entry, groups[(entry["method"], entry["strength"])], references)
     return summary
+
+
+INTERVAL_METRICS = tuple(f"test_{m}" for m in METRICS) + PROBE_METRICS
+"""The metrics that get bootstrap intervals (test data and probes; validation only chooses λ)."""
+
+
+def _add_intervals(
+    entry: dict[str, Any], members: Sequence[Mapping[str, Any]], references: Mapping[str, Sequence[Mapping[str, Any]]]
+) -> None:
+    for metric in INTERVAL_METRICS:
+        runs = _per_seed(members, metric)
+        if runs is None:
+            continue
+        draws = Draws.make(tuple(runs), len(next(iter(runs.values())).values))
+        entry[f"{metric}_ci"] = list(interval(draws.means(runs)))
+        for name, reference in references.items():
+            against = _per_seed(reference, metric)
+            if entry["method"] == name or against is None or not _pairable(runs, against):
+                continue
+            entry[f"{metric}_vs_{name}"] = asdict(difference(draws, runs, against))
+
+
+def _per_seed(members: Sequence[Mapping[str, Any]], metric: str) -> dict[int | None, Scores] | None:
+    """Each run's per-example scores of ``metric`` by seed, or None where a run lacks them."""
+    runs = {m["seed"]: m.get(f"{metric}{EXAMPLES}") for m in members}
+    if not runs or any(not isinstance(s, Scores) for s in runs.values()) or len(runs) != len(members):
+        return None
+    return runs  # type: ignore[return-value]
+
+
+def _pairable(runs: Mapping[int | None, Scores], against: Mapping[int | None, Scores]) -> bool:
+    """Same examples, and the same seeds (or a reference of one unseeded run: the base model)."""
+    size = len(next(iter(runs.values())).values)
+    same_examples = all(len(s.values) == size for s in (*runs.values(), *against.values()))
+    return same_examples and (set(against) == set(runs) or set(against) == {None})
 
 
 @dataclass(frozen=True)

@@ -9,19 +9,21 @@ runs only what is missing.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from laplace_hub.artifact import Artifact
-from laplace_hub.data import DatasetSpec, check_source, load_texts
+from laplace_hub.data import Batch, DatasetSpec, check_source, load_texts, make_batches
 from laplace_hub.errors import DataError, LaplaceHubError
 from laplace_hub.evaluation.choice import Choice, choices_json, choose, summarize
 from laplace_hub.evaluation.probes import python_license
 from laplace_hub.evaluation.report import pareto_plot, read_rows, write_json, write_rows
 from laplace_hub.evaluation.sweep import (
     ARTIFACT_FOR,
+    OWN_GRIDS,
     SourceSizes,
     SweepConfig,
     SweepData,
@@ -47,6 +49,13 @@ class SweepExperiment:
     structure (``diag``, ``diag_lowrank``, ``kron``, ``kron_eig``) to an artifact folder used
     instead of computing it; ``resume`` keeps the rows already in ``out/runs.csv``. λ is chosen
     with ``priority``, ``tolerance`` and ``budget`` as :func:`~laplace_hub.evaluation.choose` says.
+
+    ``curvature`` computes the artifacts from other data than the source's curvature split (which
+    ``NAME=source`` names): e.g. ``self:N`` samples of the model for data-free curvature, or the
+    split and ``self:N`` together (their sequences pooled). Each is cut to the split's size.
+    ``bisect_steps`` > 0 refines λ per method after the grid: bisection (in log λ) between the
+    largest grid strength whose validation target EM is within ``tolerance`` of plain LoRA's and
+    the next one, ``bisect_steps`` times, so the choice lands near the largest λ that keeps learning.
     """
 
     model: str
@@ -64,6 +73,8 @@ class SweepExperiment:
     priority: Literal["retention", "learning"] = "retention"
     tolerance: float = 0.01
     budget: float | None = None
+    curvature: tuple[DatasetSpec, ...] = ()
+    bisect_steps: int = 0
 
     @property
     def files(self) -> tuple[Path, Path, Path]:
@@ -98,25 +109,85 @@ def run_experiment(experiment: SweepExperiment) -> SweepOutcome:
     runs_csv, summary_json, pareto_png = experiment.files
     done = read_rows(runs_csv) if experiment.resume and runs_csv.is_file() else []
     targets = target_examples(experiment)
-    check_source(experiment.source)
+    for spec in (experiment.source, *(c for c in experiment.curvature if not _is_split(c))):
+        check_source(spec)
     if cfg.probes:
         python_license()  # the out-of-domain probe's source
     model, tokenizer = load_model(experiment.model, gguf_file=experiment.gguf_file)
     texts = load_texts(experiment.source, model, tokenizer, max_length=experiment.sizes.max_length)
-    curvature, source_val, source_test = sized_splits(texts, tokenizer, experiment.sizes)
+    split, source_val, source_test = sized_splits(texts, tokenizer, experiment.sizes)
+    curvature, curvature_texts = split, list(texts)
+    if experiment.curvature:
+        curvature, extra = curvature_data(experiment, model, tokenizer, split)
+        curvature_texts += extra
     data = SweepData(targets["train"], targets["validation"], targets["test"], curvature, source_val, source_test)
     pending = {method for method, _, _ in pending_runs(cfg, done)}
-    if pending or not any(r["method"] == "base" for r in done):  # the base answers only when a row needs them
-        data = with_probes(data, model, tokenizer, cfg, texts)
+    if experiment.bisect_steps or pending or not any(r["method"] == "base" for r in done):
+        data = with_probes(data, model, tokenizer, cfg, curvature_texts)  # the base answers only when a row needs them
     missing = dataclasses.replace(cfg, methods=tuple(m for m in cfg.methods if m in pending and m not in given))
+    if experiment.bisect_steps:
+        missing = dataclasses.replace(missing, methods=tuple(m for m in cfg.methods if m not in given))
     artifacts = {**curvature_artifacts(model, data, missing), **given}
-    rows = run_sweep(model, tokenizer, data, cfg, artifacts, done, save=lambda r: write_rows(r, runs_csv))
+
+    def sweep(grid: SweepConfig, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return run_sweep(model, tokenizer, data, grid, artifacts, rows, save=lambda r: write_rows(r, runs_csv))
+
+    rows = sweep(cfg, done)
+    for _ in range(experiment.bisect_steps):
+        probes = bisection_points(summarize(rows), cfg, experiment.tolerance)
+        for method, strength in probes.items():
+            rows = sweep(dataclasses.replace(cfg, methods=(method,), strengths=(strength,)), rows)
     summary = summarize(rows)
     outcome = SweepOutcome(summary, choose(summary, experiment.priority, experiment.tolerance, experiment.budget))
     write_rows(rows, runs_csv)
     write_json(outcome.json(), summary_json)
     pareto_plot(summary, pareto_png, f"{experiment.model}: learning vs forgetting")
     return outcome
+
+
+def _is_split(spec: DatasetSpec) -> bool:
+    return str(spec.path) == "source"
+
+
+def curvature_data(
+    experiment: SweepExperiment, model: Any, tokenizer: Any, split: list[Batch]
+) -> tuple[list[Batch], list[str]]:
+    """The batches of ``experiment.curvature``, each dataset cut to the split's size; their texts."""
+    sizes, batches, texts = experiment.sizes, [], []
+    for spec in experiment.curvature:
+        if _is_split(spec):
+            batches += split
+            continue
+        found = load_texts(spec, model, tokenizer, max_length=sizes.max_length)
+        texts += found
+        batches += make_batches(
+            found, tokenizer, max_length=sizes.max_length, batch_size=sizes.batch_size, num_batches=len(split)
+        )
+    return batches, texts
+
+
+def bisection_points(summary: Sequence[Mapping[str, Any]], cfg: SweepConfig, tolerance: float) -> dict[str, float]:
+    """Per regularised method, the next λ to try: the geometric middle of the bracket around the boundary.
+
+    The bracket is the largest strength tried whose validation target EM is within ``tolerance`` of
+    plain LoRA's and the smallest larger strength tried; methods with a bracket at the grid's end
+    (every strength matched, or none) or without a penalty strength have no point.
+    """
+    lora = next((s for s in summary if s["method"] == "lora"), None)
+    if lora is None:
+        raise LaplaceHubError("bisection needs plain LoRA's runs: add lora to --methods", location="methods")
+    points = {}
+    for method in cfg.methods:
+        if method in OWN_GRIDS:
+            continue
+        tried = sorted((s["strength"], s["val_target_em"]) for s in summary if s["method"] == method)
+        matched = [strength for strength, em in tried if em >= lora["val_target_em"] - tolerance]
+        if not matched or matched[-1] == tried[-1][0]:
+            continue
+        low = matched[-1]
+        high = min(strength for strength, _ in tried if strength > low)
+        points[method] = float(f"{math.sqrt(low * high):.3g}")
+    return points
 
 
 def open_artifacts(folders: Mapping[str, Path]) -> dict[str, Artifact]:

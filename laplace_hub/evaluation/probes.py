@@ -33,7 +33,7 @@ import torch
 
 from laplace_hub.data import Batch, pad_batch, pydoc_texts
 from laplace_hub.errors import DataError
-from laplace_hub.evaluation.metrics import exact_match, source_metrics
+from laplace_hub.evaluation.metrics import Scores, completion_scores, source_scores
 from laplace_hub.evaluation.tasks import SKILLS, skill_examples
 
 PROBE_METRICS = ("near_nll", "ood_nll", "behaviour_nll", *(f"skill_{s}_em" for s in SKILLS))
@@ -318,11 +318,16 @@ def _config_eos(model: Any) -> list[int]:
 
 def probe_metrics(model: Any, probes: Probes) -> dict[str, float]:
     """Every probe's score for ``model``, keyed as :data:`PROBE_METRICS`; each batch goes through once."""
+    return {name: scores.mean for name, scores in probe_scores(model, probes).items()}
+
+
+def probe_scores(model: Any, probes: Probes) -> dict[str, Scores]:
+    """:func:`probe_metrics` per example (paragraph, answer or question), for confidence intervals."""
     out = {
-        "near_nll": source_metrics(model, probes.near)["source_nll"],
-        "ood_nll": source_metrics(model, probes.ood)["source_nll"],
-        "behaviour_nll": source_metrics(model, probes.behaviour)["source_nll"],
+        "near_nll": source_scores(model, probes.near)["source_nll"],
+        "ood_nll": source_scores(model, probes.ood)["source_nll"],
+        "behaviour_nll": source_scores(model, probes.behaviour)["source_nll"],
     }
     for name, batches in probes.skills.items():
-        out[f"skill_{name}_em"] = exact_match(model, batches)
+        out[f"skill_{name}_em"] = completion_scores(model, batches)
     return out

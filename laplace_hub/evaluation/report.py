@@ -10,20 +10,29 @@ from pathlib import Path
 from typing import Any
 
 from laplace_hub.errors import DataError, MissingExtraError
+from laplace_hub.evaluation.metrics import EXAMPLES, Scores
 from laplace_hub.evaluation.probes import PROBE_LABELS, PROBE_METRICS
 
 
 def write_rows(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
-    """Every run as CSV (one row per method, strength and seed); a column a row lacks stays empty."""
+    """Every run as CSV (one row per method, strength and seed); a column a row lacks stays empty.
+
+    Per-example scores (``*_examples`` columns) go last, as :meth:`Scores.encode` text.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    columns.sort(key=lambda c: c.endswith(EXAMPLES))  # stable: the metrics first, as they came
     with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for row in rows for k in row)))
+        writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows({k: v.encode() if isinstance(v, Scores) else v for k, v in row.items()} for row in rows)
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
-    """Rows that :func:`write_rows` wrote, with numbers as numbers (an empty seed or metric is ``None``)."""
+    """Rows that :func:`write_rows` wrote, with numbers as numbers and per-example scores as :class:`Scores`.
+
+    An empty seed, metric or per-example cell (what an older sweep did not measure) is ``None``.
+    """
 
     def value(column: str, text: str) -> Any:
         if column == "method":
@@ -31,7 +40,9 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
         if column == "seed":
             return int(text) if text else None
         if column not in ("strength", "seconds") and not text:
-            return None  # a probe an older sweep did not measure
+            return None
+        if column.endswith(EXAMPLES):
+            return Scores.decode(text)
         return float(text)
 
     try:
@@ -51,29 +62,34 @@ def write_json(data: Any, path: Path) -> None:
 
 
 def table(summary: Sequence[Mapping[str, Any]]) -> str:
-    """Test means ± standard deviations over seeds, one line per method and strength.
+    """Test means, one line per method and strength; probes, if measured, in a second table below.
 
-    When the sweep measured the forgetting probes, a second table below gives their means ± sd.
+    Each cell is the mean with its bootstrap 95 % interval over seeds and test examples, marked
+    ``*`` where the paired difference to plain LoRA is significant; a sweep without per-example
+    scores (an older ``runs.csv``) shows mean ± sd over seeds instead.
     """
     width = max(10, *(len(s["method"]) for s in summary))
-    lines = [
-        f"{'method':<{width}} {'λ':>7} {'seeds':>5}  {'target EM (test)':>17}  {'source NLL (test)':>18}  "
-        f"{'source acc (test)':>17}"
-    ]
-    for s in summary:
-        lines.append(
-            f"{_run(s, width)}  "
-            f"{s['test_target_em']:>8.3f} ± {s['test_target_em_std']:.3f}  "
-            f"{s['test_source_nll']:>9.4f} ± {s['test_source_nll_std']:.4f}  "
-            f"{s['test_source_accuracy']:>8.4f} ± {s['test_source_accuracy_std']:.4f}"
-        )
-    probes = [m for m in PROBE_METRICS if all(m in s for s in summary)]
-    if probes:
-        lines += ["", f"{'forgetting probes':<{width + 14}}  " + "  ".join(f"{PROBE_LABELS[m]:>17}" for m in probes)]
-        for s in summary:
-            cells = [_cell(s[m], s[f"{m}_std"], 4 if m.endswith("_nll") else 3) for m in probes]
-            lines.append(f"{_run(s, width)}  " + "  ".join(f"{c:>17}" for c in cells))
-    return "\n".join(lines)
+    columns = {"test_target_em": "target EM (test)", "test_source_nll": "source NLL (test)"}
+    columns |= {"test_source_accuracy": "source acc (test)"}
+    columns_probes = {m: PROBE_LABELS[m] for m in PROBE_METRICS if all(m in s for s in summary)}
+    lines = []
+    for title, shown in (("", columns), ("forgetting probes", columns_probes)):
+        if not shown:
+            continue
+        cells = [[_cell(s, key) for key in shown] for s in summary]
+        widths = [max(len(label), *(len(row[i]) for row in cells)) for i, label in enumerate(shown.values())]
+        head = f"{title or 'method':<{width}} {'' if title else 'λ':>7} {'' if title else 'seeds':>5}"
+        lines += [
+            "" if title else None,
+            head + "".join(f"  {t:>{w}}" for t, w in zip(shown.values(), widths, strict=True)),
+        ]
+        lines += [
+            _run(s, width) + "".join(f"  {c:>{w}}" for c, w in zip(row, widths, strict=True))
+            for s, row in zip(summary, cells, strict=True)
+        ]
+    if any(f"{key}_ci" in s for s in summary for key in columns):
+        lines += ["", "mean [bootstrap 95% interval over seeds and test examples]; * differs from plain LoRA (paired)"]
+    return "\n".join(line for line in lines if line is not None)
 
 
 def _run(s: Mapping[str, Any], width: int) -> str:
@@ -81,8 +97,13 @@ def _run(s: Mapping[str, Any], width: int) -> str:
     return f"{s['method']:<{width}} {strength:>7} {s['seeds']:>5}"
 
 
-def _cell(mean: float, std: float, digits: int) -> str:
-    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+def _cell(s: Mapping[str, Any], key: str) -> str:
+    digits = 4 if key.endswith(("_nll", "_accuracy")) else 3
+    if f"{key}_ci" not in s:
+        return f"{s[key]:.{digits}f} ± {s[f'{key}_std']:.{digits}f}"
+    low, high = s[f"{key}_ci"]
+    mark = "*" if s.get(f"{key}_vs_lora", {}).get("significant") else " "
+    return f"{s[key]:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]{mark}"
 
 
 def _pyplot() -> Any:

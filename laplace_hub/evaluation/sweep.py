@@ -23,8 +23,8 @@ from laplace_hub.consumers import LaplaceRegularizer, MaskTheTarget, regularized
 from laplace_hub.data import Batch, make_batches, pydoc_texts
 from laplace_hub.errors import DataError, LaplaceHubError
 from laplace_hub.evaluation.baselines import MIGU, FlatLoRA, milora_init
-from laplace_hub.evaluation.metrics import exact_match, example_batches, source_metrics
-from laplace_hub.evaluation.probes import PROBE_METRICS, Probes, ProbeSizes, build_probes, probe_metrics
+from laplace_hub.evaluation.metrics import EXAMPLES, completion_scores, example_batches, source_scores
+from laplace_hub.evaluation.probes import PROBE_METRICS, Probes, ProbeSizes, build_probes, probe_scores
 from laplace_hub.evaluation.tasks import Example
 from laplace_hub.manifest import BaseModelInfo
 from laplace_hub.models import select_targets
@@ -238,18 +238,26 @@ def finetune(
     return model, time.perf_counter() - start
 
 
-def evaluate(model: Any, tokenizer: Any, data: SweepData) -> dict[str, float]:
-    """Validation and test metrics of one model, then the probes' (when ``data`` has them)."""
-    out: dict[str, float] = {}
+def evaluate(model: Any, tokenizer: Any, data: SweepData) -> dict[str, Any]:
+    """Validation and test metrics of one model, then the probes' (when ``data`` has them).
+
+    Test metrics and probes also come per example (``<metric>_examples``, :class:`Scores`), for
+    the confidence intervals of :mod:`~laplace_hub.evaluation.stats`.
+    """
+    out: dict[str, Any] = {}
     for split, examples, source in (
         ("val", data.validation, data.source_validation),
         ("test", data.test, data.source_test),
     ):
-        out[f"{split}_target_em"] = exact_match(model, example_batches(examples, tokenizer))
-        for key, value in source_metrics(model, source).items():
-            out[f"{split}_{key}"] = value
+        scores = {"target_em": completion_scores(model, example_batches(examples, tokenizer))}
+        scores.update(source_scores(model, source))
+        for key, value in scores.items():
+            out[f"{split}_{key}"] = value.mean
+            if split == "test":
+                out[f"{split}_{key}{EXAMPLES}"] = value
     if data.probes is not None:
-        out.update(probe_metrics(model, data.probes))
+        for key, value in probe_scores(model, data.probes).items():
+            out[key], out[f"{key}{EXAMPLES}"] = value.mean, value
     return out
 
 
@@ -285,7 +293,8 @@ def run_sweep(
             0, {"method": "base", "strength": 0.0, "seed": None, "seconds": 0.0, **evaluate(base, tokenizer, data)}
         )
     elif data.probes is not None and any(base_row.get(m) is None for m in PROBE_METRICS):
-        base_row.update(probe_metrics(base, data.probes))  # rows of a sweep run without the probes
+        for key, value in probe_scores(base, data.probes).items():  # rows of a sweep run without the probes
+            base_row[key], base_row[f"{key}{EXAMPLES}"] = value.mean, value
     for method, strength, seed in progress(pending_runs(cfg, done), desc="sweep", unit="run"):
         model, seconds = finetune(base, tokenizer, data.train, method, strength, artifacts, cfg, seed)
         rows.append(

@@ -156,7 +156,17 @@ def test_cli_fsdp_under_torchrun_equals_one_process(tmp_path: Path) -> None:
     folder = _tiny_llama_folder(tmp_path / "tiny")
     common = ["compute", str(folder), "--data", f"src={folder / 'data.txt'}", "--targets", "all-linear"]
     common += ["--batch-size", "2", "--num-batches", "3", "--float64", "--dtype", "float64", "--json"]
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "laplace_hub.cli"]
+    # --standalone: a free rendezvous port, so two torchrun tests on parallel pytest workers never collide
+    launch = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "laplace_hub.cli",
+    ]
     runs = {
         "one": [sys.executable, "-m", "laplace_hub.cli", *common, "--out", str(tmp_path / "one")],
         "two": [*launch, *common, "--fsdp", "--max-memory", "4K", "--out", str(tmp_path / "two")],

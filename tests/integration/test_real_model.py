@@ -89,6 +89,7 @@ def test_torchrun_two_processes_equal_one(
             sys.executable,
             "-m",
             "torch.distributed.run",
+            "--standalone",  # a free rendezvous port (parallel pytest workers)
             "--nproc-per-node",
             "2",
             "-m",

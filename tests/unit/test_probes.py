@@ -231,11 +231,12 @@ def test_a_sweep_reports_every_probe_in_rows_csv_json_table_and_plot(tmp_path: P
     assert all({*PROBE_METRICS, *(f"{m}_std" for m in PROBE_METRICS)} <= set(s) for s in saved["summary"])
     assert set(saved["choices"][0]["probes"]) == set(PROBE_METRICS)
     text = table(summary)
-    assert "forgetting probes" in text and "behaviour NLL" in text and len(text.splitlines()) == 2 * (1 + 3) + 1
+    assert "forgetting probes" in text and "behaviour NLL" in text and len(text.splitlines()) == 2 * (1 + 3) + 1 + 2  # and the intervals' legend
     pareto_plot(summary, tmp_path / "pareto.png", "tiny")
     assert (tmp_path / "pareto.png").stat().st_size > 10_000
     # rows of an older sweep without probes resume beside new ones: empty cells, no probe means
-    write_rows([{k: v for k, v in rows[0].items() if k not in PROBE_METRICS}, *rows[1:]], tmp_path / "mixed.csv")
+    older = {k: v for k, v in rows[0].items() if not k.startswith(PROBE_METRICS)}
+    write_rows([older, *rows[1:]], tmp_path / "mixed.csv")
     mixed = read_rows(tmp_path / "mixed.csv")
     assert mixed[0]["near_nll"] is None and "near_nll" not in summarize(mixed)[0]
     assert "near_nll" in summarize(mixed)[1]

@@ -79,3 +79,33 @@ def test_resuming_from_a_file_that_is_not_a_runs_csv_is_a_one_line_error(tmp_pat
     )
     assert result.returncode == 1 and "not a runs.csv" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+def test_per_example_scores_pool_to_the_metrics_and_survive_the_csv(tmp_path: Path) -> None:
+    from laplace_hub.evaluation.metrics import Scores
+
+    model, words = tiny_llama().float(), Words()
+    rows = run_sweep(model, words, data(), CFG, {})
+    for row in rows:
+        for key in ("test_target_em", "test_source_nll", "test_source_accuracy"):
+            scores = row[f"{key}_examples"]
+            assert isinstance(scores, Scores) and scores.mean == pytest.approx(row[key], rel=1e-6)
+        assert len(row["test_target_em_examples"].values) == 4  # one per test problem
+        assert row["test_source_nll_examples"].weights == (3.0, 2.0)  # labelled next tokens per sequence
+    write_rows(rows, tmp_path / "runs.csv")
+    assert read_rows(tmp_path / "runs.csv") == rows  # exactly, per-example floats included
+
+
+def test_bisection_brackets_the_largest_matched_strength() -> None:
+    from laplace_hub.evaluation.experiment import bisection_points
+
+    def entry(method: str, strength: float, em: float) -> dict:
+        return {"method": method, "strength": strength, "val_target_em": em}
+
+    cfg = SweepConfig(methods=("lora", "kron", "diag", "l2", "mtt"), strengths=(1.0, 10.0, 100.0))
+    summary = [entry("lora", 0.0, 0.10), entry("mtt", 0.1, 0.0)]
+    summary += [entry("kron", 1.0, 0.12), entry("kron", 10.0, 0.095), entry("kron", 100.0, 0.02)]
+    summary += [entry("kron", 31.6, 0.05)]  # a first bisection step, not matched
+    summary += [entry("diag", s, 0.2) for s in (1.0, 10.0, 100.0)]  # matched everywhere: no bracket
+    summary += [entry("l2", s, 0.0) for s in (1.0, 10.0, 100.0)]  # matched nowhere: no bracket
+    assert bisection_points(summary, cfg, tolerance=0.01) == {"kron": 17.8}  # √(10·31.6), 3 digits
