@@ -43,6 +43,9 @@ def register(sub: Any) -> None:
     p.add_argument("--gguf-file")
     p.add_argument("--source", required=True, metavar="NAME=PATH", help="source text (as for compute)")
     p.add_argument("--target", choices=["arithmetic", "sorting"], help="a generated target task instead of files")
+    p.add_argument(
+        "--task-sizes", default="256,100,100", metavar="TRAIN,VAL,TEST", help="problems of the generated --target"
+    )
     p.add_argument("--target-train", type=Path)
     p.add_argument("--target-val", type=Path)
     p.add_argument("--target-test", type=Path)
@@ -148,6 +151,7 @@ def run(args: argparse.Namespace) -> int:
         budget=args.budget,
         curvature=tuple(DatasetSpec.parse(item) for item in args.curvature),
         bisect_steps=args.bisect_steps if args.select == "budget" else 0,
+        task_sizes=_task_sizes(args.task_sizes),
     )
     outcome = run_experiment(experiment)
     if args.json:
@@ -158,6 +162,13 @@ def run(args: argparse.Namespace) -> int:
             print(f"{c.method}: {c.verdict}")
         print(f"files: {', '.join(map(str, experiment.files))}")
     return 0
+
+
+def _task_sizes(text: str) -> tuple[int, int, int]:
+    sizes = parse_list(text, int, "--task-sizes")
+    if len(sizes) != 3 or min(sizes) < 1:
+        raise LaplaceHubError(f"--task-sizes {text!r}: expected three positive counts TRAIN,VAL,TEST")
+    return sizes[0], sizes[1], sizes[2]
 
 
 def _artifact(item: str) -> tuple[str, Path]:

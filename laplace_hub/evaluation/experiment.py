@@ -75,6 +75,8 @@ class SweepExperiment:
     budget: float | None = None
     curvature: tuple[DatasetSpec, ...] = ()
     bisect_steps: int = 0
+    task_sizes: tuple[int, int, int] = TASK_SIZES
+    """Train, validation and test problems of a generated ``target`` task."""
 
     @property
     def files(self) -> tuple[Path, Path, Path]:
@@ -212,7 +214,7 @@ def target_examples(experiment: SweepExperiment) -> dict[str, list[Example]]:
 
     """
     if experiment.target is not None:
-        return task_splits(experiment.target, *TASK_SIZES)
+        return task_splits(experiment.target, *experiment.task_sizes)
     files = {"train": experiment.target_train, "validation": experiment.target_val, "test": experiment.target_test}
     missing = [split for split, path in files.items() if path is None]
     if missing:

@@ -208,9 +208,8 @@ def finetune(
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
-    config = LoraConfig(
-        r=cfg.lora_rank, lora_alpha=2 * cfg.lora_rank, target_modules=cfg.targets.split(","), lora_dropout=0.0
-    )
+    modules = cfg.targets if cfg.targets == "all-linear" else cfg.targets.split(",")  # PEFT's shorthand is a string
+    config = LoraConfig(r=cfg.lora_rank, lora_alpha=2 * cfg.lora_rank, target_modules=modules, lora_dropout=0.0)
     model = get_peft_model(copy.deepcopy(base), config)
     if method == "milora":
         milora_init(model)

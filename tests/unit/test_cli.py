@@ -49,6 +49,15 @@ def test_bad_flag_is_a_usage_error(name: str, capsys: pytest.CaptureFixture[str]
             ["sweep", "smollm2", "--source", "x={tmp}/none.txt", "--target", "arithmetic", "--out", "{tmp}/s"],
             "no such file",
         ),
+        (
+            ["sweep", "smollm2", "--source", "x=stdlib:pydoc", "--task-sizes", "256,0", "--out", "{tmp}/s"],
+            "--task-sizes '256,0': expected three positive counts",
+        ),
+        (
+            ["sweep", "smollm2", "--source", "x=stdlib:pydoc", "--target", "arithmetic", "--curvature", "own=self:x"]
+            + ["--out", "{tmp}/s"],
+            "source 'own=self:x': expected self:N",
+        ),
         (["merge", "{tmp}/a", "{tmp}/b", "--out", "{tmp}/c"], "no laplace-hub artifact"),
         (["continual", "--task1", "sorting", "--task2", "sorting"], "must differ"),
         (["continual", "--decay", "1.5"], "--decay must lie in (0, 1]"),
