@@ -109,3 +109,30 @@ def test_bisection_brackets_the_largest_matched_strength() -> None:
     summary += [entry("diag", s, 0.2) for s in (1.0, 10.0, 100.0)]  # matched everywhere: no bracket
     summary += [entry("l2", s, 0.0) for s in (1.0, 10.0, 100.0)]  # matched nowhere: no bracket
     assert bisection_points(summary, cfg, tolerance=0.01) == {"kron": 17.8}  # √(10·31.6), 3 digits
+
+
+def test_curvature_from_other_data_pools_the_split_with_each_dataset_cut_to_its_size(tmp_path: Path) -> None:
+    from laplace_hub.data import DatasetSpec
+    from laplace_hub.evaluation.experiment import SweepExperiment, curvature_data
+    from laplace_hub.evaluation.sweep import SourceSizes
+
+    texts = tmp_path / "other.txt"
+    texts.write_text("\n\n".join(f"other text number {i} with words" for i in range(40)))
+    sizes = SourceSizes(curvature_batches=2, eval_batches=1, batch_size=3, max_length=5)
+    split = [pad_batch([[2, 3], [4, 5]], 0), pad_batch([[6, 7]], 0)]
+    experiment = SweepExperiment(
+        model="tiny",
+        source=DatasetSpec.parse("pydoc=stdlib:pydoc"),
+        out=tmp_path,
+        sizes=sizes,
+        curvature=(DatasetSpec.parse("pydoc=source"), DatasetSpec.parse(f"other={texts}")),
+    )
+
+    class Truncating(Words):
+        def __call__(self, text: str, truncation: bool = False, max_length: int = 0) -> dict[str, list[int]]:
+            return {"input_ids": super().__call__(text)["input_ids"][:max_length]}
+
+    batches, extra = curvature_data(experiment, None, Truncating(), split)
+    assert batches[0] is split[0] and batches[1] is split[1] and len(batches) == 4  # the split, then as many more
+    assert all(b["input_ids"].shape == (3, 5) for b in batches[2:])  # batch size and max length of the split
+    assert len(extra) == 40 and extra[0].startswith("other text")  # the probes avoid these texts too

@@ -1,0 +1,63 @@
+"""Join sweeps that differ only in their curvature's data into one table and one figure.
+
+    python benchmarks/compare_sweeps.py --sweep pydoc=out/sweep-pydoc --sweep self=out/sweep-self \
+        --sweep mix=out/sweep-mix --methods kron --out docs/results/sources
+
+Each sweep's regularised methods are relabelled ``method (label)``; plain LoRA and the base model
+do not depend on the curvature, so they are taken from the first sweep, after checking that every
+other sweep reproduced them (same test scores per seed; a mismatch means the sweeps differ in
+more than their curvature, and the script stops). Writes ``OUT-runs.csv``, ``OUT-summary.json``
+(with bootstrap intervals and paired differences) and ``OUT.png``; prints the table and each
+relabelled method's λ chosen on validation data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+from laplace_hub.evaluation.choice import choices_json, choose, summarize
+from laplace_hub.evaluation.report import pareto_plot, read_rows, table, write_json, write_rows
+
+SHARED = ("base", "lora")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sweep", action="append", required=True, metavar="LABEL=DIR")
+    parser.add_argument("--methods", default="kron", help="the regularised methods to compare")
+    parser.add_argument("--title", default="SmolLM2-135M: curvature from different data")
+    parser.add_argument("--out", type=Path, required=True, help="prefix of the files written")
+    args = parser.parse_args()
+    methods = args.methods.split(",")
+    sweeps = [item.split("=", 1) for item in args.sweep]
+    joined = []
+    reference: dict[tuple[str, int | None], float] = {}
+    for number, (label, folder) in enumerate(sweeps):
+        for row in read_rows(Path(folder) / "runs.csv"):
+            key = (row["method"], row["seed"])
+            if row["method"] in SHARED:
+                if number == 0:
+                    reference[key] = row["test_source_nll"]
+                    joined.append(row)
+                elif key in reference and not math.isclose(reference[key], row["test_source_nll"], rel_tol=1e-9):
+                    raise SystemExit(
+                        f"{label}: {key} differs from {sweeps[0][0]}'s: not the same sweep but for the curvature"
+                    )
+            elif row["method"] in methods:
+                joined.append({**row, "method": f"{row['method']} ({label})"})
+    write_rows(joined, args.out.with_name(args.out.name + "-runs.csv"))
+    summary = summarize(joined)
+    choices = choose(summary)
+    write_json(
+        {"summary": summary, "choices": choices_json(choices)}, args.out.with_name(args.out.name + "-summary.json")
+    )
+    pareto_plot(summary, args.out.with_suffix(".png"), args.title)
+    print(table(summary))
+    for choice in choices:
+        print(f"{choice.method}: {choice.verdict}")
+
+
+if __name__ == "__main__":
+    main()
