@@ -54,8 +54,10 @@ def test_bad_flag_is_a_usage_error(name: str, capsys: pytest.CaptureFixture[str]
             "--task-sizes '256,0': expected three positive counts",
         ),
         (
-            ["sweep", "smollm2", "--source", "x=stdlib:pydoc", "--target", "arithmetic", "--curvature", "own=self:x"]
-            + ["--out", "{tmp}/s"],
+            [
+                *("sweep", "smollm2", "--source", "x=stdlib:pydoc", "--target", "arithmetic"),
+                *("--curvature", "own=self:x", "--out", "{tmp}/s"),
+            ],
             "source 'own=self:x': expected self:N",
         ),
         (["merge", "{tmp}/a", "{tmp}/b", "--out", "{tmp}/c"], "no laplace-hub artifact"),
