@@ -228,14 +228,14 @@ class Artifact:
         """
         target = Path(path)
         if not verify:
-            write_artifact(self.manifest, self.tensors(), target, max_shard_bytes=max_shard_bytes, overwrite=overwrite)
+            write_artifact(self.manifest, self._tensors, target, max_shard_bytes=max_shard_bytes, overwrite=overwrite)
             return Artifact.open(target)
         if os.path.lexists(target) and not overwrite:
             raise ArtifactError("already exists; pass `overwrite` to replace it", location=str(target))
         # Verified in a hidden sibling, then renamed into place: a folder that fails never appears.
         staged = target.parent / f".{target.name}.verify-{uuid.uuid4().hex[:8]}"
         try:
-            write_artifact(self.manifest, self.tensors(), staged, max_shard_bytes=max_shard_bytes)
+            write_artifact(self.manifest, self._tensors, staged, max_shard_bytes=max_shard_bytes)
             Artifact.open(staged, verify_checksums=True, check_values=True)
             replace_folder(staged, target)
         except BaseException:

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import math
 import platform
+from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 from typing import Any
 
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import Tensor
 
 from laplace_hub.artifact.artifact import Artifact
 from laplace_hub.artifact.codec import BlockEncoder
-from laplace_hub.artifact.store import tensor_dtype
+from laplace_hub.artifact.store import distinct, tensor_dtype
 from laplace_hub.artifact.values import psd_for_storage
 from laplace_hub.curvature import Block, pack_symmetric, unpack_symmetric
 from laplace_hub.manifest import (
@@ -21,7 +25,6 @@ from laplace_hub.manifest import (
     LoraInitRef,
     Manifest,
     ModuleEntry,
-    expected_tensors,
     required_version,
 )
 
@@ -40,6 +43,11 @@ def software_versions() -> dict[str, str]:
 class ArtifactBuilder:
     """Collects blocks per module, then builds an artifact with a complete manifest.
 
+    With a ``spill`` folder, :meth:`spill` moves the tensors added so far there, in their stored
+    form, and frees them: a producer that computes its modules in passes holds one pass's finished
+    blocks at a time, and the artifact it builds reads the rest from those files (keep the folder
+    until the artifact is saved). The bytes written do not depend on when tensors were spilled.
+
     Example:
         >>> import torch
         >>> from laplace_hub.curvature import DiagBlock
@@ -51,12 +59,16 @@ class ArtifactBuilder:
 
     """
 
-    def __init__(self, *, dtype: DType = "float32", packed: bool = False) -> None:
+    def __init__(
+        self, *, dtype: DType = "float32", packed: bool = False, order: Sequence[str] = (), spill: Path | None = None
+    ) -> None:
         self.dtype = dtype
         self._encoder = BlockEncoder(packed=packed)
-        self._entries: dict[str, list[BlockEntry]] = {}
+        self._entries: dict[str, list[BlockEntry]] = {name: [] for name in order}  # the manifest's module order
         self._shapes: dict[str, tuple[int, int]] = {}
         self._inits: dict[str, tuple[Tensor, Tensor]] = {}
+        self._spill = spill
+        self._spilled: dict[str, Path] = {}
 
     def add(self, module: str, shape: tuple[int, int], block: Block, dataset: str | None = None) -> None:
         """Add one module's block (for one dataset, or summed over all with ``dataset=None``)."""
@@ -67,9 +79,27 @@ class ArtifactBuilder:
         """Record the LoRA init ``(A₀, B₀)`` of a module (lora parameterization)."""
         self._inits[module] = (lora_a, lora_b)
 
+    def spill(self) -> None:
+        """Write the tensors added since the last spill to a file in the spill folder, and let them go."""
+        if self._spill is None:
+            raise ValueError("this builder has no spill folder")
+        stored = self._stored(self._encoder.release())
+        if stored:
+            path = self._spill / f"part-{len(set(self._spilled.values())):05d}.safetensors"
+            save_file(distinct(stored), path)
+            self._spilled.update(dict.fromkeys(stored, path))
+
+    def _stored(self, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Tensors in the stored dtype; dense factors mended where rounding left them a hair indefinite."""
+        factors = self._encoder.factor_keys
+        return {
+            k: storable_factor(t, self.dtype) if k in factors else t.to(tensor_dtype(self.dtype))
+            for k, t in tensors.items()
+        }
+
     def build(self, **fields: Any) -> Artifact:
         """The artifact; ``fields`` are the manifest's top-level fields other than modules/files."""
-        tensors = {k: t.to(tensor_dtype(self.dtype)) for k, t in self._encoder.tensors.items()}
+        tensors = self._stored(self._encoder.tensors)
         modules: dict[str, ModuleEntry] = {}
         init_dtype = tensor_dtype(getattr(fields.get("parameterization"), "init_dtype", "float32"))
         for name, entries in self._entries.items():
@@ -90,10 +120,15 @@ class ArtifactBuilder:
         )
         # The lowest version able to hold it, so that older readers read what uses no newer feature.
         manifest = manifest.model_copy(update={"spec_version": required_version(manifest)})
-        for key, spec in expected_tensors(manifest).items():
-            if spec.role == "factor":
-                tensors[key] = storable_factor(self._encoder.tensors[key], self.dtype)
-        return Artifact(manifest, tensors.__getitem__)
+        spilled = self._spilled
+
+        def tensor(key: str) -> Tensor:
+            if key in spilled:
+                with safe_open(str(spilled[key]), framework="pt") as f:
+                    return f.get_tensor(key)
+            return tensors[key]
+
+        return Artifact(manifest, tensor)
 
 
 def storable_factor(tensor: Tensor, dtype: DType) -> Tensor:

@@ -24,7 +24,17 @@ class BlockEncoder:
     def __init__(self, packed: bool = False) -> None:
         self.packed = packed
         self.tensors: dict[str, Tensor] = {}
+        self.factor_keys: set[str] = set()  # the keys of dense factors (mended for their dtype when stored)
         self._refs: dict[int, tuple[Factor, FactorRef | EigenFactorRef]] = {}  # keeps factors alive: ids stay unique
+
+    def release(self) -> dict[str, Tensor]:
+        """The tensors collected so far, handed over and forgotten here, with every factor they came from.
+
+        For producers that store each pass's blocks as it ends: a factor shared by later blocks must
+        not span a release (modules that share an input are computed in the same pass).
+        """
+        tensors, self.tensors, self._refs = self.tensors, {}, {}
+        return tensors
 
     def store(self, key: str, tensor: Tensor) -> str:
         """Keep ``tensor`` under ``key``; returns the key."""
@@ -39,6 +49,7 @@ class BlockEncoder:
         matrix = factor.dense()
         packed = self.packed and matrix.shape[0] > 1
         ref = FactorRef(key=self.store(key, pack_symmetric(matrix) if packed else matrix), packed=packed)
+        self.factor_keys.add(key)
         self._refs[id(factor)] = (factor, ref)
         return ref
 

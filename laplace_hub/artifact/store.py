@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import uuid
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -20,6 +22,7 @@ from laplace_hub.manifest import (
     SINGLE_FILE_NAME,
     FileEntry,
     Manifest,
+    TensorSpec,
     expected_tensors,
     manifest_json,
     tensor_file_metadata,
@@ -29,32 +32,29 @@ from laplace_hub.manifest import (
 DEFAULT_MAX_SHARD_BYTES = 2 * 2**30
 
 
-def _check_tensors(manifest: Manifest, tensors: dict[str, Tensor]) -> None:
-    expected = expected_tensors(manifest)
-    missing, stray = expected.keys() - tensors.keys(), tensors.keys() - expected.keys()
-    if missing or stray:
-        raise ArtifactError(f"tensors missing {sorted(missing)[:3]} / unreferenced {sorted(stray)[:3]}")
-    for key, spec in expected.items():
-        tensor = tensors[key]
-        if tuple(tensor.shape) != spec.shape or str(tensor.dtype).removeprefix("torch.") != spec.dtype:
-            raise ArtifactError(
-                f"tensor is {tensor.dtype!s} {list(tensor.shape)}, the manifest implies "
-                f"{spec.dtype} {list(spec.shape)}",
-                location=key,
-            )
+def _load(key: str, spec: TensorSpec, get: Callable[[str], Tensor]) -> Tensor:
+    try:
+        tensor = get(key)
+    except KeyError:
+        raise ArtifactError("tensor missing: the manifest references it, nothing holds it", location=key) from None
+    if tuple(tensor.shape) != spec.shape or str(tensor.dtype).removeprefix("torch.") != spec.dtype:
+        raise ArtifactError(
+            f"tensor is {tensor.dtype!s} {list(tensor.shape)}, the manifest implies {spec.dtype} {list(spec.shape)}",
+            location=key,
+        )
+    return tensor
 
 
-def plan_shards(tensors: dict[str, Tensor], max_shard_bytes: int) -> list[list[str]]:
-    """Keys grouped into shards of at most ``max_shard_bytes`` (a larger tensor gets its own)."""
+def plan_shards(sizes: Mapping[str, int], max_shard_bytes: int) -> list[list[str]]:
+    """Keys (with their bytes) grouped into shards of at most ``max_shard_bytes`` (a larger tensor gets its own)."""
     shards: list[list[str]] = [[]]
     size = 0
-    for key in sorted(tensors):
-        nbytes = tensors[key].numel() * tensors[key].element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
+    for key in sorted(sizes):
+        if shards[-1] and size + sizes[key] > max_shard_bytes:
             shards.append([])
             size = 0
         shards[-1].append(key)
-        size += nbytes
+        size += sizes[key]
     return shards
 
 
@@ -65,32 +65,38 @@ def _fsync(path: Path) -> None:
 
 def write_artifact(
     manifest: Manifest,
-    tensors: dict[str, Tensor],
+    tensors: Callable[[str], Tensor],
     path: Path,
     *,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     overwrite: bool = False,
 ) -> Manifest:
-    """Write ``manifest`` (its ``files`` are filled in here) and ``tensors`` as an artifact folder.
+    """Write ``manifest`` (its ``files`` are filled in here) and its tensors as an artifact folder.
 
-    The folder appears at ``path`` only once complete: everything is written to a sibling temp
-    folder that is renamed into place, so a crash never leaves half an artifact.
+    ``tensors`` gives each key the manifest references; they are fetched one shard at a time and
+    let go once the shard is written, so an artifact backed by files (opened, or spilled by a
+    producer) is written with one shard in memory. The folder appears at ``path`` only once
+    complete: everything is written to a sibling temp folder that is renamed into place, so a
+    crash never leaves half an artifact.
 
     Returns:
         The manifest as written, with ``files`` holding every file's size and sha256.
+
+    Raises:
+        ArtifactError: A tensor is missing or differs in shape or dtype from what the manifest implies.
 
     """
     extra = list(unknown_fields(manifest))
     if extra:
         raise ManifestError(f"refusing to write fields the spec does not define: {', '.join(extra)}")
-    _check_tensors(manifest, tensors)
     if path.exists() and not overwrite:
         raise ArtifactError("already exists; pass `overwrite` to replace it", location=str(path))
+    expected = expected_tensors(manifest)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        names = _write_tensors(tensors, tmp, max_shard_bytes, tensor_file_metadata(manifest.spec_version))
+        names = _write_tensors(expected, tensors, tmp, max_shard_bytes, tensor_file_metadata(manifest.spec_version))
         files = {name: FileEntry(size=(tmp / name).stat().st_size, sha256=sha256_file(tmp / name)) for name in names}
         written = manifest.model_copy(update={"files": files})
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest_json(written), indent=2) + "\n")
@@ -103,12 +109,16 @@ def write_artifact(
     return written
 
 
-def _unshared(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Copies of tensors that share memory with an earlier one (safetensors refuses shared storage)."""
+def _shard(keys: list[str], expected: Mapping[str, TensorSpec], get: Callable[[str], Tensor]) -> dict[str, Tensor]:
+    """One shard's tensors, checked."""
+    return distinct({key: _load(key, expected[key], get) for key in keys})
+
+
+def distinct(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """``tensors``, with a copy of any that shares memory with an earlier one (safetensors refuses shared memory)."""
     seen: set[int] = set()
     out = {}
-    for key in sorted(tensors):
-        tensor = tensors[key]
+    for key, tensor in tensors.items():
         pointer = tensor.untyped_storage().data_ptr() if tensor.numel() else -1
         out[key] = tensor.clone() if pointer in seen else tensor
         seen.add(pointer)
@@ -116,19 +126,22 @@ def _unshared(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def _write_tensors(
-    tensors: dict[str, Tensor], folder: Path, max_shard_bytes: int, metadata: dict[str, str]
+    expected: Mapping[str, TensorSpec],
+    get: Callable[[str], Tensor],
+    folder: Path,
+    max_shard_bytes: int,
+    metadata: dict[str, str],
 ) -> list[str]:
-    tensors = _unshared(tensors)
-    shards = plan_shards(tensors, max_shard_bytes)
+    sizes = {key: math.prod(spec.shape) * tensor_dtype(spec.dtype).itemsize for key, spec in expected.items()}
+    shards = plan_shards(sizes, max_shard_bytes)
     if len(shards) == 1:
-        save_file({k: tensors[k] for k in shards[0]}, folder / SINGLE_FILE_NAME, metadata=metadata)
+        save_file(_shard(shards[0], expected, get), folder / SINGLE_FILE_NAME, metadata=metadata)
         return [SINGLE_FILE_NAME]
     names = [shard_name(i + 1, len(shards)) for i in range(len(shards))]
     for name, keys in zip(names, shards, strict=True):
-        save_file({k: tensors[k] for k in keys}, folder / name, metadata=metadata)
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
+        save_file(_shard(keys, expected, get), folder / name, metadata=metadata)
     index = {
-        "metadata": {"total_size": total, **metadata},
+        "metadata": {"total_size": sum(sizes.values()), **metadata},
         "weight_map": {key: name for name, keys in zip(names, shards, strict=True) for key in keys},
     }
     (folder / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import shutil
+import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, get_args
 
@@ -206,17 +209,27 @@ def run(args: argparse.Namespace) -> int:
     targets = select_targets(model, args.targets)
     sources = {s.name: str(s.path) for s in specs}
     plan = None if args.backend == "curvlinops" else _plan(model, targets, datasets, options, args.max_memory)
-    start = time.perf_counter()
-    if plan is None:
-        artifact = compute_kfac(model, datasets, targets, options, BaseModelInfo(repo_id=repo_id), sources=sources)
-    else:
-        artifact = compute_artifact(
-            model, datasets, targets, options, BaseModelInfo(repo_id=repo_id), sources=sources, plan=plan
-        )
-    seconds = time.perf_counter() - start
-    if rank_and_world()[0] != 0:
-        return 0
-    saved = artifact.save(args.out, overwrite=args.overwrite, verify=True)  # raises on a finding
+    # With several passes, each pass's finished blocks go to a hidden sibling of --out as it ends
+    # (host memory holds one pass's), and are removed once the artifact is written or on failure.
+    with _spill_folder(Path(args.out), plan is not None and len(plan.groups) > 1) as spill:
+        start = time.perf_counter()
+        if plan is None:
+            artifact = compute_kfac(model, datasets, targets, options, BaseModelInfo(repo_id=repo_id), sources=sources)
+        else:
+            artifact = compute_artifact(
+                model,
+                datasets,
+                targets,
+                options,
+                BaseModelInfo(repo_id=repo_id),
+                sources=sources,
+                plan=plan,
+                spill=spill,
+            )
+        seconds = time.perf_counter() - start
+        if rank_and_world()[0] != 0:
+            return 0
+        saved = artifact.save(args.out, overwrite=args.overwrite, verify=True)  # raises on a finding
     summary = {
         "path": args.out,
         "valid": True,
@@ -254,6 +267,20 @@ def _check_curvlinops(args: argparse.Namespace, options: ComputeOptions) -> None
     for parameter, (bad, why) in refused.items():
         if bad:
             raise LaplaceHubError(f"the curvlinops backend {why}", location=parameter)
+
+
+@contextlib.contextmanager
+def _spill_folder(out: Path, wanted: bool) -> Iterator[Path | None]:
+    """A fresh hidden folder beside ``out`` (same filesystem, one per rank), removed afterwards; or None."""
+    if not wanted:
+        yield None
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix=f".{out.name}.spill-", dir=out.parent))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _plan(

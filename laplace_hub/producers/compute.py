@@ -7,6 +7,7 @@ import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -201,6 +202,7 @@ def compute_artifact(
     base_model: BaseModelInfo,
     sources: Mapping[str, str] | None = None,
     plan: PassPlan | None = None,
+    spill: Path | None = None,
 ) -> Artifact:
     """Compute a curvature artifact for ``targets`` of a causal LM on named source datasets.
 
@@ -216,9 +218,13 @@ def compute_artifact(
         sources: Dataset name → where it came from, for the manifest.
         plan: Which modules to hook in which pass over the batches (default: all in one); any
             plan gives the same artifact (:mod:`laplace_hub.producers.plan`).
+        spill: A folder where each pass's finished blocks are written (in their stored dtype) as
+            the pass ends, so that host memory holds one pass's blocks, not all; the returned
+            artifact reads them from there: keep the folder until it is saved.
 
     Returns:
-        An in-memory artifact; under ``torch.distributed`` every rank gets the reduced result.
+        An artifact (in memory, or partly in ``spill``); under ``torch.distributed`` every rank
+        gets the reduced result.
 
     """
     options.check()
@@ -231,19 +237,20 @@ def compute_artifact(
     requires = {name: p.requires_grad for name, p in model.named_parameters()}  # by name: engines swap tensors
     model.eval()
     groups = {name: [name] for name in datasets} if options.per_dataset else {None: list(datasets)}
-    builder = ArtifactBuilder(dtype=options.dtype, packed=options.packed)
+    # modules in the targets' order and tensors written sorted, whatever the plan: the same bytes
+    builder = ArtifactBuilder(dtype=options.dtype, packed=options.packed, order=list(shapes), spill=spill)
     infos = []
     try:
         for group, names in groups.items():
-            blocks: dict[str, Block] = {}
             counts: Mapping[str, _Counts] = {}
             for number, modules in enumerate(passes, 1):
                 label = f"pass {number}/{len(passes)}" if len(passes) > 1 else ""
                 chosen = {name: targets[name] for name in modules}
                 counts, found = _pass(model, {n: datasets[n] for n in names}, chosen, options, inits, label)
-                blocks.update(found)
-            for target, shape in shapes.items():  # in the targets' order, whatever the plan: the same bytes
-                builder.add(target, shape, blocks.pop(target), group)
+                for target in (t for t in shapes if t in found):  # q/k/v's shared Σx under the same module's key
+                    builder.add(target, shapes[target], found.pop(target), group)
+                if spill is not None:
+                    builder.spill()
             infos += [
                 DatasetInfo(
                     name=n, sequences=c.sequences, tokens=c.tokens, batches=c.batches, source=(sources or {}).get(n)

@@ -177,6 +177,7 @@ def test_cli_fsdp_under_torchrun_equals_one_process(tmp_path: Path) -> None:
         assert result.returncode == 0, (name, result.stderr[-3000:])
         summaries[name] = json.loads(result.stdout)
     assert summaries["one"]["passes"] == 1 and summaries["two"]["passes"] > 1
+    assert not list(tmp_path.glob(".two.spill-*"))  # each rank's spilled passes are gone once written
     one, two = Artifact.open(tmp_path / "one"), Artifact.open(tmp_path / "two")
     assert two.manifest.base_model.fingerprint == one.manifest.base_model.fingerprint
     assert two.manifest.datasets == one.manifest.datasets

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import weakref
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,26 @@ def build(dtype: str = "float32", packed: bool = False) -> Artifact:
         builder.add(f"layers.{i}.q", (4, 8), KronBlock(shared, DenseFactor(g @ g.T)))
         builder.add(f"layers.{i}.d", (4, 8), DiagBlock(torch.rand(4, 8, generator=gen)))
     return builder.build(**minimal_fields())
+
+
+def test_writing_holds_one_shard_of_tensors_at_a_time(tmp_path: Path) -> None:
+    art = build()
+    live: weakref.WeakSet[torch.Tensor] = weakref.WeakSet()
+    held = []
+
+    def fetch(key: str) -> torch.Tensor:
+        tensor = art.tensor(key).clone()  # a fresh tensor, as a file-backed artifact reads it
+        live.add(tensor)
+        held.append(len(live))
+        return tensor
+
+    shard = 2 * 8 * 8 * 4  # bytes: two 8×8 float32 factors, or a few smaller tensors
+    saved = Artifact(art.manifest, fetch).save(tmp_path / "a", max_shard_bytes=shard)
+    shards = json.loads((tmp_path / "a" / "laplace.safetensors.index.json").read_text())["weight_map"]
+    per_shard = max(list(shards.values()).count(name) for name in set(shards.values()))
+    assert len(set(shards.values())) == 3 and len(held) == len(shards)  # each tensor fetched once
+    assert max(held) <= per_shard < len(shards)  # never more alive than one shard holds
+    assert all(torch.equal(saved.tensor(k), art.tensor(k)) for k in shards)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float64", "float16"])

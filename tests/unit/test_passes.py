@@ -60,8 +60,40 @@ def test_passes_write_the_same_bytes_as_one_pass(model, batches, kw, tmp_path) -
     assert len(plan.groups) > 2 and plan.peak <= 2 * smallest
     assert sorted(n for g in plan.groups for n in g) == sorted(targets)
     many = compute_artifact(model, {"src": batches}, targets, options, BaseModelInfo(repo_id="t"), plan=plan)
-    assert _save(one, tmp_path / "one") == _save(many, tmp_path / "many")
+    (tmp_path / "spill").mkdir()
+    spilled = compute_artifact(
+        model, {"src": batches}, targets, options, BaseModelInfo(repo_id="t"), plan=plan, spill=tmp_path / "spill"
+    )
+    assert len(list((tmp_path / "spill").iterdir())) == len(plan.groups)  # each pass's blocks left memory as it ended
+    expected = _save(one, tmp_path / "one")
+    assert expected == _save(many, tmp_path / "many") == _save(spilled, tmp_path / "spilled")
     assert all(m.weight.grad is None for m in targets.values())  # gradients are dropped, not kept
+
+
+@pytest.mark.parametrize("per_dataset", [False, True])
+def test_spilled_half_precision_artifacts_are_the_in_memory_ones(model, batches, per_dataset, tmp_path) -> None:  # noqa: F811
+    """Storage dtype and datasets stored separately: spilling each pass changes no byte."""
+    targets = select_targets(model, "all-linear")
+    datasets = {"a": batches[:1], "b": batches[1:]}
+    for kw in (dict(structure="diag"), dict(structure="kron", eig_rank=3)):
+        options = ComputeOptions(dtype="bfloat16", per_dataset=per_dataset, **kw)  # type: ignore[arg-type]
+        plan = _plan(
+            model,
+            batches[0],
+            options,
+            2 * max(module_bytes((m.out_features, m.in_features), True, options) for m in targets.values()),
+        )
+        spill = tmp_path / f"spill-{kw['structure']}"
+        spill.mkdir()
+        held = compute_artifact(model, datasets, targets, options, BaseModelInfo(repo_id="t"), plan=plan)
+        spilled = compute_artifact(
+            model, datasets, targets, options, BaseModelInfo(repo_id="t"), plan=plan, spill=spill
+        )
+        assert len(list(spill.iterdir())) == len(plan.groups) * (2 if per_dataset else 1)
+        assert list(spilled.manifest.modules) == list(targets)  # the targets' order, not the passes'
+        assert _save(held, tmp_path / f"held-{kw['structure']}") == _save(
+            spilled, tmp_path / f"spilled-{kw['structure']}"
+        )
 
 
 def test_input_sharing_is_found_by_tensor_identity(model, batches) -> None:  # noqa: F811
