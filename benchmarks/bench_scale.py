@@ -22,6 +22,7 @@ import json
 import logging
 import multiprocessing as mp
 import resource
+import shutil
 import statistics
 import tempfile
 import time
@@ -85,7 +86,8 @@ def random_batches(vocab: int, batch_size: int, length: int, count: int) -> list
 
 def predicted_peak(baseline_peak: int, plan_peak: int, finished: int) -> int:
     """The memory model: the training step's own peak (reached before its weight gradients exist),
-    plus one pass's sums and the finished blocks (held in the accumulation dtype until written)."""
+    plus one pass's sums and the finished blocks held at once in the accumulation dtype: all of
+    them in one pass, the largest pass's when passes spill their blocks to disk as the CLI does."""
     return baseline_peak + plan_peak + finished
 
 
@@ -98,6 +100,7 @@ def timed(fn: Any, sync: Any) -> float:
 
 def measure(case: dict[str, Any], queue: mp.Queue) -> None:  # type: ignore[type-arg]
     from laplace_hub.artifact import Artifact
+    from laplace_hub.artifact.store import tensor_dtype
     from laplace_hub.linear import linear_shape
     from laplace_hub.manifest import BaseModelInfo
     from laplace_hub.models import select_targets
@@ -140,7 +143,8 @@ def measure(case: dict[str, Any], queue: mp.Queue) -> None:  # type: ignore[type
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     info = BaseModelInfo(repo_id=case["shape"])
-    artifact = compute_artifact(model, {"random": batches}, targets, options, info, plan=plan)
+    spill = Path(tempfile.mkdtemp()) if len(plan.groups) > 1 else None  # as `laplace-hub compute` does
+    artifact = compute_artifact(model, {"random": batches}, targets, options, info, plan=plan, spill=spill)
     sync()
     compute_s = time.perf_counter() - start
     compute_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -163,7 +167,11 @@ def measure(case: dict[str, Any], queue: mp.Queue) -> None:  # type: ignore[type
         validate_s = time.perf_counter() - start
     params = sum(p.numel() for p in model.parameters())
     stored = artifact.nbytes()
-    finished = sum(t.numel() * 4 for t in artifact.tensors().values())  # float32 until written
+    stored_per_module = artifact.nbytes_by_module()
+    widen = 4 / tensor_dtype(artifact.manifest.dtype).itemsize  # blocks are float32 until stored
+    finished = int(max(widen * sum(stored_per_module[n] for n in group) for group in plan.groups))
+    if spill is not None:
+        shutil.rmtree(spill)
     queue.put(
         dict(
             case,
