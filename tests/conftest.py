@@ -14,6 +14,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -44,6 +45,24 @@ def _isolated_caches(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pyte
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     """The real ``laplace-hub`` command in a child process."""
     return subprocess.run([sys.executable, "-m", "laplace_hub.cli", *args], capture_output=True, text=True, timeout=600)
+
+
+def tiny_model_folder(folder: Path, lengths: Sequence[int], text: str = "source.txt", seed: int = 0) -> Path:
+    """A tiny Llama and a word-level tokenizer (``t2``…``t22``) saved as a model folder, for the real CLI,
+    with random documents of ``lengths`` words in ``folder / text``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tiny_llama().float().save_pretrained(folder)
+    vocab = {"<pad>": 0, "<eos>": 1, **{f"t{i}": i for i in range(2, 23)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>").save_pretrained(folder)
+    gen = torch.Generator().manual_seed(seed)
+    docs = [" ".join(f"t{int(i)}" for i in torch.randint(2, 23, (n,), generator=gen)) for n in lengths]
+    (folder / text).write_text("\n\n".join(docs))
+    return folder
 
 
 def tiny_llama() -> torch.nn.Module:

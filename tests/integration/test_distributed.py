@@ -22,7 +22,7 @@ from laplace_hub.manifest import BaseModelInfo
 from laplace_hub.models import select_targets
 from laplace_hub.producers import ComputeOptions, compute_artifact
 from laplace_hub.producers.plan import PassPlan
-from tests.conftest import tiny_llama
+from tests.conftest import tiny_llama, tiny_model_folder
 
 try:
     from torch.distributed.fsdp import fully_shard
@@ -137,18 +137,7 @@ def test_fsdp2_two_gloo_processes_equal_one(tmp_path: Path) -> None:
 
 
 def _tiny_llama_folder(folder: Path) -> Path:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<eos>": 1, **{f"t{i}": i for i in range(2, 23)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>").save_pretrained(folder)
-    tiny_llama().save_pretrained(folder)
-    gen = torch.Generator().manual_seed(5)
-    texts = [" ".join(f"t{i}" for i in torch.randint(2, 23, (n,), generator=gen).tolist()) for n in (5, 7, 3, 6, 4, 8)]
-    (folder / "data.txt").write_text("\n\n".join(texts))
-    return folder
+    return tiny_model_folder(folder, (5, 7, 3, 6, 4, 8), text="data.txt", seed=5)
 
 
 @no_fsdp2

@@ -20,7 +20,7 @@ from laplace_hub.data import pad_batch
 from laplace_hub.errors import LaplaceHubError, MissingExtraError
 from laplace_hub.manifest import BaseModelInfo
 from laplace_hub.producers import ComputeOptions, compute_artifact
-from tests.conftest import tiny_llama
+from tests.conftest import tiny_llama, tiny_model_folder
 
 curvlinops = pytest.importorskip("curvlinops")
 from curvlinops import EKFACLinearOperator, KFACLinearOperator  # noqa: E402
@@ -199,20 +199,7 @@ def test_regularizer_equals_the_operators_own_quadratic_form(base, fisher, reduc
 
 @pytest.fixture(scope="module")
 def model_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    folder = tmp_path_factory.mktemp("tiny-model")
-    tiny_llama().float().save_pretrained(folder)
-    vocab = {"<pad>": 0, "<eos>": 1, **{f"t{i}": i for i in range(2, 23)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>").save_pretrained(folder)
-    gen = torch.Generator().manual_seed(0)
-    lengths = [3, 9, 5, 12, 4, 7, 9, 2, 6]
-    docs = [" ".join(f"t{int(i)}" for i in torch.randint(2, 23, (n,), generator=gen)) for n in lengths]
-    (folder / "source.txt").write_text("\n\n".join(docs))
-    return folder
+    return tiny_model_folder(tmp_path_factory.mktemp("tiny-model"), [3, 9, 5, 12, 4, 7, 9, 2, 6])
 
 
 def cli_artifact(folder: Path, out: Path, *flags: str) -> Artifact:

@@ -7,11 +7,10 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from laplace_hub.cli import main
 from laplace_hub.progress import library_bars, progress, quiet, routed_tqdm
-from tests.conftest import tiny_llama
+from tests.conftest import tiny_model_folder
 
 
 def test_plain_lines_when_not_on_a_terminal(capsys: pytest.CaptureFixture[str]) -> None:
@@ -80,19 +79,7 @@ def test_library_bars_are_switched_off_and_back() -> None:
 @pytest.fixture(scope="module")
 def model_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny Llama and a word-level tokenizer saved as a model folder, for the real ``compute``."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    folder = tmp_path_factory.mktemp("tiny-model")
-    tiny_llama().float().save_pretrained(folder)
-    vocab = {"<pad>": 0, "<eos>": 1, **{f"t{i}": i for i in range(2, 23)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>").save_pretrained(folder)
-    gen = torch.Generator().manual_seed(0)
-    docs = [" ".join(f"t{int(i)}" for i in torch.randint(2, 23, (10,), generator=gen)) for _ in range(8)]
-    (folder / "source.txt").write_text("\n\n".join(docs))
-    return folder
+    return tiny_model_folder(tmp_path_factory.mktemp("tiny-model"), [10] * 8)
 
 
 @pytest.mark.parametrize("quiet_flag", [[], ["--quiet"]])
