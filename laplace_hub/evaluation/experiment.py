@@ -126,9 +126,8 @@ def run_experiment(experiment: SweepExperiment) -> SweepOutcome:
     pending = {method for method, _, _ in pending_runs(cfg, done)}
     if experiment.bisect_steps or pending or not any(r["method"] == "base" for r in done):
         data = with_probes(data, model, tokenizer, cfg, curvature_texts)  # the base answers only when a row needs them
-    missing = dataclasses.replace(cfg, methods=tuple(m for m in cfg.methods if m in pending and m not in given))
-    if experiment.bisect_steps:
-        missing = dataclasses.replace(missing, methods=tuple(m for m in cfg.methods if m not in given))
+    wanted = cfg.methods if experiment.bisect_steps else [m for m in cfg.methods if m in pending]
+    missing = dataclasses.replace(cfg, methods=tuple(m for m in wanted if m not in given))
     artifacts = {**curvature_artifacts(model, data, missing), **given}
 
     def sweep(grid: SweepConfig, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -136,8 +135,8 @@ def run_experiment(experiment: SweepExperiment) -> SweepOutcome:
 
     rows = sweep(cfg, done)
     for _ in range(experiment.bisect_steps):
-        probes = bisection_points(summarize(rows), cfg, experiment.tolerance)
-        for method, strength in probes.items():
+        points = bisection_points(summarize(rows), cfg, experiment.tolerance)
+        for method, strength in points.items():
             rows = sweep(dataclasses.replace(cfg, methods=(method,), strengths=(strength,)), rows)
     summary = summarize(rows)
     outcome = SweepOutcome(summary, choose(summary, experiment.priority, experiment.tolerance, experiment.budget))
