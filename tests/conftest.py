@@ -47,14 +47,16 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "laplace_hub.cli", *args], capture_output=True, text=True, timeout=600)
 
 
-def tiny_model_folder(folder: Path, lengths: Sequence[int], text: str = "source.txt", seed: int = 0) -> Path:
-    """A tiny Llama and a word-level tokenizer (``t2``…``t22``) saved as a model folder, for the real CLI,
-    with random documents of ``lengths`` words in ``folder / text``."""
+def tiny_model_folder(
+    folder: Path, lengths: Sequence[int], text: str = "source.txt", seed: int = 0, model: torch.nn.Module | None = None
+) -> Path:
+    """A tiny Llama (or ``model``) and a word-level tokenizer (``t2``…``t22``) saved as a model folder, for
+    the real CLI, with random documents of ``lengths`` words in ``folder / text``."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     folder.mkdir(parents=True, exist_ok=True)
-    tiny_llama().float().save_pretrained(folder)
+    (model or tiny_llama()).float().save_pretrained(folder)
     vocab = {"<pad>": 0, "<eos>": 1, **{f"t{i}": i for i in range(2, 23)}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()

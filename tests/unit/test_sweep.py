@@ -136,3 +136,49 @@ def test_curvature_from_other_data_pools_the_split_with_each_dataset_cut_to_its_
     assert batches[0] is split[0] and batches[1] is split[1] and len(batches) == 4  # the split, then as many more
     assert all(b["input_ids"].shape == (3, 5) for b in batches[2:])  # batch size and max length of the split
     assert len(extra) == 40 and extra[0].startswith("other text")  # the probes avoid these texts too
+
+
+def test_the_sweep_command_with_curvature_from_other_data_and_bisection(tmp_path: Path) -> None:
+    import json
+
+    from laplace_hub.cli import main
+    from tests.conftest import tiny_model_folder
+    from tests.unit.test_probes import lively_llama
+
+    folder = tiny_model_folder(tmp_path / "tiny", [12] * 40, model=lively_llama())  # one that learns in 10 steps
+    (folder / "other.txt").write_text(
+        "\n\n".join(" ".join(f"t{(i * j) % 21 + 2}" for j in range(9)) for i in range(20))
+    )
+    for split in ("train", "val", "test"):
+        records = [{"prompt": f"t{i % 21 + 2} t3", "completion": " t5"} for i in range(12)]  # learnable at once
+        (tmp_path / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+    out = tmp_path / "sweep"
+    argv = ["sweep", str(folder), "--source", f"s={folder / 'source.txt'}", "--no-probes", "-q", "--json"]
+    argv += [f"--target-{split}={tmp_path / f'{split}.jsonl'}" for split in ("train", "val", "test")]
+    argv += [
+        "--methods",
+        "lora,kron",
+        "--strengths",
+        "1,1000",
+        "--seeds",
+        "0,1",
+        "--steps",
+        "10",
+        "--targets",
+        "all-linear",
+    ]
+    argv += ["--lr", "0.05", "--lora-rank", "4"]
+    argv += ["--curvature", "s=source", "--curvature", f"o={folder / 'other.txt'}", "--curvature-batches", "2"]
+    argv += ["--eval-batches", "1", "--select", "budget", "--bisect-steps", "1", "--out", str(out)]
+    assert main(argv) == 0
+    rows = read_rows(out / "runs.csv")
+    tried = sorted({r["strength"] for r in rows if r["method"] == "kron"})
+    summary = json.loads((out / "summary.json").read_text())["summary"]
+    kron = [s for s in summary if s["method"] == "kron"]
+    # LoRA learns the constant answer and λ = 1000 holds the weights where they were, so the grid
+    # brackets LoRA's validation EM and one bisection step tries √1000 (to 3 digits)
+    em = {s["strength"]: s["val_target_em"] for s in summary if s["method"] in ("kron", "lora")}
+    assert em[1.0] >= em[0.0] - 0.01 > em[1000.0], em
+    assert tried == [1.0, 31.6, 1000.0]
+    assert all("test_source_nll_ci" in s and "test_target_em_ci" in s for s in summary)
+    assert all("test_source_nll_vs_lora" in s for s in kron)
