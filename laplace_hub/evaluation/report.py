@@ -128,7 +128,8 @@ def pareto_plot(summary: Sequence[Mapping[str, Any]], path: Path, title: str) ->
     """Target exact match (test) against each forgetting measure: one panel per measure.
 
     The held-out source NLL (test) always; then each probe the sweep measured. One line per
-    method, marker size by λ; whiskers are the bootstrap 95 % intervals where the runs carry them.
+    method, marker size by λ; whiskers are the paired bootstrap 95 % intervals of each point's
+    change from the base model, where the runs carry per-example scores.
     """
     plt = _pyplot()
     axes_x = {"test_source_nll": "held-out source NLL per token (test, lower = less forgetting)"}
@@ -153,17 +154,9 @@ def pareto_plot(summary: Sequence[Mapping[str, Any]], path: Path, title: str) ->
             }
             ax.plot(x, y, "-", alpha=0.5, color=style["color"])
             ax.scatter(x, y, s=sizes, label=method, **style)
-            if all(f"{key}_ci" in p and "test_target_em_ci" in p for p in points):  # bootstrap 95 % whiskers
-                ax.errorbar(
-                    x,
-                    y,
-                    xerr=_whiskers(points, key),
-                    yerr=_whiskers(points, "test_target_em"),
-                    fmt="none",
-                    ecolor=style["color"],
-                    alpha=0.35,
-                    capsize=2,
-                )
+            xerr, yerr = _whiskers(points, key), _whiskers(points, "test_target_em")
+            if xerr is not None and yerr is not None:  # bootstrap 95 % whiskers
+                ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="none", ecolor=style["color"], alpha=0.35, capsize=2)
             for p, xi, yi in zip(points, x, y, strict=True):
                 if method not in ("base", "lora"):
                     ax.annotate(f"{p['strength']:g}", (xi, yi), fontsize=7, xytext=(3, 3), textcoords="offset points")
@@ -183,12 +176,16 @@ def pareto_plot(summary: Sequence[Mapping[str, Any]], path: Path, title: str) ->
     _save(fig, path)
 
 
-def _whiskers(points: Sequence[Mapping[str, Any]], key: str) -> list[list[float]]:
-    """Distances from each mean down and up to its interval's ends, as matplotlib's errorbar takes them."""
-    return [
-        [max(0.0, p[key] - p[f"{key}_ci"][0]) for p in points],
-        [max(0.0, p[f"{key}_ci"][1] - p[key]) for p in points],
-    ]
+def _whiskers(points: Sequence[Mapping[str, Any]], key: str) -> list[list[float]] | None:
+    """Errorbar lengths (down, up) of each point's paired interval of its change from the base model.
+
+    The examples are the same for every model, so their spread is not counted; None where a point
+    has no interval.
+    """
+    changes = [p.get(f"{key}_vs_base") for p in points]
+    if any(c is None for c in changes):
+        return None
+    return [[c["difference"] - c["low"] for c in changes], [c["high"] - c["difference"] for c in changes]]  # type: ignore[index]
 
 
 def bar_panels(
