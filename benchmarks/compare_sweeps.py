@@ -60,11 +60,13 @@ def main() -> None:
     parser.add_argument("--sweep", action="append", required=True, metavar="LABEL=DIR")
     parser.add_argument("--methods", default="kron", help="the regularised methods to compare")
     parser.add_argument("--keep-names", action="store_true", help="no relabelling (one sweep)")
+    parser.add_argument("--strengths", help="only these strengths of the regularised methods (e.g. the grid)")
     parser.add_argument("--title", default="SmolLM2-135M: curvature from different data")
     parser.add_argument("--out", type=Path, required=True, help="prefix of the files written")
     args = parser.parse_args()
     methods = args.methods.split(",")
     sweeps = [item.split("=", 1) for item in args.sweep]
+    strengths = None if args.strengths is None else {float(x) for x in args.strengths.split(",")}
     joined = []
     reference: dict[tuple[str, int | None], float] = {}
     for number, (label, folder) in enumerate(sweeps):
@@ -78,7 +80,7 @@ def main() -> None:
                     raise SystemExit(
                         f"{label}: {key} differs from {sweeps[0][0]}'s: not the same sweep but for the curvature"
                     )
-            elif row["method"] in methods:
+            elif row["method"] in methods and (strengths is None or row["strength"] in strengths):
                 joined.append(row if args.keep_names else {**row, "method": f"{row['method']} ({label})"})
     write_rows(joined, args.out.with_name(args.out.name + "-runs.csv"))
     summary = summarize(joined)
