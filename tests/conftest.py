@@ -91,3 +91,23 @@ class Words:
 
     def __call__(self, text: str) -> dict[str, list[int]]:
         return {"input_ids": [2 + (sum(map(ord, w)) % 21) for w in text.split()]}
+
+
+def lively_llama() -> torch.nn.Module:
+    """A tiny Llama whose greedy answers depend on the prompt and that LoRA can teach in a few steps.
+
+    :func:`tiny_llama`'s logits are nearly uniform: its loss stays at ln 21 whatever LoRA learns.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=23,
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        initializer_range=0.3,
+    )
+    return LlamaForCausalLM(config).double().eval()

@@ -33,27 +33,10 @@ from laplace_hub.evaluation.probes import (
 from laplace_hub.evaluation.report import pareto_plot, read_rows, table, write_json, write_rows
 from laplace_hub.evaluation.sweep import SweepConfig, run_sweep, with_probes
 from laplace_hub.evaluation.tasks import SKILLS, TASKS, skill_examples
-from tests.conftest import Words
+from tests.conftest import Words, lively_llama
 from tests.unit.test_sweep import data
 
 SIZES = ProbeSizes(texts=4, max_length=12, behaviour_prompts=8, answer_tokens=6, skill_questions=4, batch_size=4)
-
-
-def lively_llama() -> torch.nn.Module:
-    """A tiny Llama whose greedy answers depend on the prompt (conftest's is too close to uniform)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=23,
-        hidden_size=16,
-        intermediate_size=24,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        initializer_range=0.3,
-    )
-    return LlamaForCausalLM(config).double().eval()
 
 
 @pytest.fixture(scope="module")

@@ -142,8 +142,7 @@ def test_the_sweep_command_with_curvature_from_other_data_and_bisection(tmp_path
     import json
 
     from laplace_hub.cli import main
-    from tests.conftest import tiny_model_folder
-    from tests.unit.test_probes import lively_llama
+    from tests.conftest import lively_llama, tiny_model_folder
 
     folder = tiny_model_folder(tmp_path / "tiny", [12] * 40, model=lively_llama())  # one that learns in 10 steps
     (folder / "other.txt").write_text(
