@@ -3,19 +3,16 @@
 Each step transforms stored tensors and keeps the penalty as close as the smaller form allows:
 
 * ``kron`` → ``kron_eig`` at rank ``k`` (weight-space blocks): each dense factor becomes its top-``k``
-  eigenpairs plus the mean of its other eigenvalues (the tail), decomposed with the reader's ridge
-  baked in, so at full rank the block is the source's (SPEC.md §8.3);
+  eigenpairs plus the mean of its other eigenvalues (the tail), decomposed as readers decode it
+  (the PSD part, SPEC.md §8.3), so at full rank the block is the source's;
 * lower ranks: a ``kron_eig`` factor of rank ``k > k'`` keeps its top ``k'`` pairs and its tail takes
   in the dropped eigenvalues, ``t' = (Σ dropped λ + (n − k)·t) / (n − k')`` (the mean of all the
   others, as if truncated from the full spectrum); a ``diag_lowrank`` block keeps its top ``k'``
   directions and the squares of the dropped ones go back into the diagonal, ``D' = D + Σ_dropped Uⱼ²``,
   so that ``diag(P)`` is unchanged and ``U'U'ᵀ ⪯ UUᵀ ⪯ P`` still holds;
 * a lower dtype (``float32`` → ``bfloat16`` or ``float16``; never up: that keeps the rounding and
-  doubles the bytes). Dense factors are mended as writers do (:func:`psd_for_storage`), and refused
-  when the reader's ridge at the new dtype (``τ·‖F‖_F·I``, SPEC.md §8.3) would move their trace, and
-  so a random update's penalty, by more than 1 %: since ``n·‖F‖_F ≥ √n·tr F`` that is every factor in
-  bfloat16 and any factor of LLM size in float16 (SmolLM2's q/v: 16× and 1× the penalty). Half
-  precision wants ``kron_eig``, whose eigenvalues are read without a ridge.
+  doubles the bytes). Dense factors are rounded as writers store them (:func:`psd_for_storage`);
+  readers decode the PSD part of what is stored, so the penalty moves only by the rounding itself.
 
 LoRA-parameterised Kronecker blocks (``kron`` on ``lora_A``/``lora_B``, ``kron_tridiag``) keep
 their dense factors: one side is ``r × r`` already, and ``kron_tridiag`` is PSD only as a whole, through
@@ -38,7 +35,8 @@ from laplace_hub.artifact.artifact import Artifact
 from laplace_hub.artifact.builder import software_versions, storable_factor
 from laplace_hub.artifact.merge import manifest_sha256
 from laplace_hub.artifact.store import tensor_dtype
-from laplace_hub.artifact.values import TOLERANCE, ridged
+from laplace_hub.artifact.structures.kron_tridiag import decode_tridiag
+from laplace_hub.artifact.values import psd_part
 from laplace_hub.curvature import unpack_symmetric
 from laplace_hub.errors import ArtifactError
 from laplace_hub.manifest import (
@@ -50,6 +48,7 @@ from laplace_hub.manifest import (
     FactorRef,
     KronBlockEntry,
     KronEigBlockEntry,
+    KronTridiagBlockEntry,
     Manifest,
     ModuleEntry,
     expected_tensors,
@@ -65,8 +64,6 @@ PROVENANCE_KEY = "laplace-hub.compress"
 # so neither is "lower" than the other: go from the float32 artifact instead of rounding twice.
 _PRECISION: dict[str, int] = {"float64": 52, "float32": 23, "float16": 10, "bfloat16": 7}
 _FLOAT16_MAX = float(torch.finfo(torch.float16).max)
-# A dense factor is not lowered when the new dtype's ridge moves its decoded trace by more than this.
-MAX_TRACE_CHANGE = 1e-2
 
 
 def compress(
@@ -87,8 +84,7 @@ def compress(
 
     Raises:
         ArtifactError: nothing to do, a rank of 0 or one that lowers nothing, a rank not below a
-            ``kron`` factor's side, a dtype that would raise precision (or round twice), a dense
-            factor whose penalty the lower dtype's ridge would move by more than 1 %, values that
+            ``kron`` factor's side, a dtype that would raise precision (or round twice), values that
             overflow ``float16``, or fields this reader does not know.
 
     Example:
@@ -214,33 +210,10 @@ class _Compressor:
                 return tensor
             if spec.role == "factor":
                 _check_range(key, tensor, self.dtype)
-                stored = storable_factor(tensor.double(), self.dtype)
-                self.check_ridge(key, tensor, stored)
-                return stored
+                return storable_factor(tensor.double(), self.dtype)
             return self.lowered_tensor(key, tensor)
 
         return self.put(key, ("copy", key), make)
-
-    def check_ridge(self, key: str, before: Tensor, after: Tensor) -> None:
-        """Refuse a dense factor whose decoded trace the lower dtype's ridge would change by more than 1 %.
-
-        Readers add ``τ·‖F‖_F·I`` to a dense factor (SPEC.md §8.3), and writers mend rounding by as
-        much again. A random update's penalty moves with the trace, and ``n·τ·‖F‖_F ≥ τ·√n·tr F``:
-        for half precision and factors of LLM size that is many times the factor itself.
-        """
-        spec = self.specs[key]
-        n = _side(before)
-        old = _decoded_trace(before, n, spec.dtype)
-        new = _decoded_trace(after, n, self.dtype)
-        change = abs(new - old) / old if old > 0 else 0.0
-        if change > MAX_TRACE_CHANGE:
-            raise ArtifactError(
-                f"{self.dtype} would change the penalty of module {spec.module!r} by about {change:.1%} (the trace "
-                f"of its {n}×{n} factor {key!r}; at most {MAX_TRACE_CHANGE:.0%} allowed): readers add τ·‖F‖_F·I to a "
-                f"dense factor (SPEC.md §8.3, τ = {TOLERANCE[self.dtype]:g} in {self.dtype}); give a `rank` to store "
-                f"kron_eig, which has no ridge, or keep {spec.dtype}",
-                location="dtype",
-            )
 
     def lowered_tensor(self, key: str, tensor: Tensor) -> Tensor:
         """``tensor`` (stored or derived from ``key``) in the new dtype."""
@@ -289,7 +262,25 @@ class _Compressor:
                 update[field] = value.model_copy(update={"key": self.copy(value.key)})
             elif field in ("cross_input", "cross_output"):
                 update[field] = self.copy(value)
-        return entry.model_copy(update=update)
+        lowered = entry.model_copy(update=update)
+        return self.mended_cross(lowered, module) if isinstance(lowered, KronTridiagBlockEntry) else lowered
+
+    def mended_cross(self, entry: KronTridiagBlockEntry, module: ModuleEntry) -> KronTridiagBlockEntry:
+        """A lowered ``kron_tridiag`` block whose cross block is scaled down until the stored block is PSD.
+
+        Rounding its six tensors moves the cross norm (SPEC.md §8.2), by far more than the rounding when
+        an ``r × r`` factor is ill-conditioned; writers mend that themselves, by the least scaling of the
+        cross block that brings the norm back to 1, as readers would.
+        """
+        assert self.lora_rank is not None
+        shape = (module.shape[0], module.shape[1])
+        for _ in range(4):
+            norm = decode_tridiag(entry, shape, self.lora_rank, lambda key: self.tensors[key].double())[1]
+            if norm <= 1:
+                break
+            cross = self.tensors[entry.cross_output].double() / (norm * (1 + 2**-8))  # a hair below: rounding
+            self.tensors[entry.cross_output] = cross.to(tensor_dtype(self.dtype))
+        return entry
 
     def diag_lowrank(self, entry: DiagLowRankBlockEntry) -> DiagLowRankBlockEntry:
         self.ranks.add(f"diag_lowrank rank {entry.rank}")
@@ -337,7 +328,7 @@ class _Compressor:
         return EigenFactorRef(eigenvalues=values, eigenvectors=vectors, rank=k, tail=tail)
 
     def eigen(self, module: str, side: str, ref: FactorRef, n: int) -> EigenFactorRef:
-        """A dense factor as its top-``rank`` eigenpairs and tail (decomposed with the reader's ridge)."""
+        """A dense factor as its top-``rank`` eigenpairs and tail (of the factor as readers decode it)."""
         assert self.rank is not None
         k = self.rank
         if k >= n:
@@ -353,7 +344,7 @@ class _Compressor:
         def decomposed() -> tuple[Tensor, Tensor, float]:
             stored = self.artifact.tensor(key).double()
             matrix = unpack_symmetric(stored, n) if ref.packed else stored
-            return eigen_truncate(ridged(matrix, self.specs[key].dtype), k)
+            return eigen_truncate(psd_part(matrix), k)
 
         values, vectors, tail = self.once(derivation, decomposed)
         return EigenFactorRef(
@@ -414,12 +405,6 @@ def lower_diag_lowrank(diagonal: Tensor, lowrank: Tensor, rank: int) -> tuple[Te
 def _side(factor: Tensor) -> int:
     """``n`` of an ``n × n`` factor stored full or packed (``n(n+1)/2`` values)."""
     return int(factor.shape[0]) if factor.dim() == 2 else (math.isqrt(8 * factor.shape[0] + 1) - 1) // 2
-
-
-def _decoded_trace(factor: Tensor, n: int, dtype: str) -> float:
-    """The trace of a stored dense factor as readers decode it, ridge included."""
-    matrix = factor.double() if factor.dim() == 2 else unpack_symmetric(factor.double(), n)
-    return float(ridged(matrix, dtype).diagonal().sum())
 
 
 def _check_range(key: str, tensor: Tensor, dtype: DType) -> None:

@@ -25,7 +25,7 @@ from laplace_hub.artifact.artifact import Artifact
 from laplace_hub.artifact.builder import software_versions
 from laplace_hub.artifact.store import tensor_dtype
 from laplace_hub.artifact.structures import codec_for
-from laplace_hub.artifact.values import widened_factor
+from laplace_hub.artifact.values import decoded_factor
 from laplace_hub.errors import ArtifactError
 from laplace_hub.manifest import (
     FORMAT_NAME,
@@ -242,7 +242,7 @@ def merge(
         for old, key in rename.new.items():
             stored = part.artifact.tensor(old)
             if roles[old] == "factor" and part.artifact.manifest.dtype != dtype:
-                stored = widened_factor(stored, part.artifact.manifest.dtype)
+                stored = decoded_factor(stored)
             tensors[key] = stored.to(tensor_dtype(dtype))
         for dataset, info in zip(part.block_datasets, part.infos, strict=True):
             weight = info.weight * scale

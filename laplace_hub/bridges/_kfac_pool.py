@@ -211,12 +211,6 @@ def build(
         )
     if eig_rank is not None and eig_rank < 1:
         raise LaplaceHubError(f"eigen rank must be ≥ 1, got {eig_rank}", location="eig_rank")
-    if dtype in ("bfloat16", "float16") and eig_rank is None:
-        raise LaplaceHubError(
-            f"dense Kronecker factors in {dtype} would be ridged far beyond their rounding by readers (SPEC.md §8.3); "
-            "store them as float32, or eigen-truncate them (`eig_rank`, kron_eig)",
-            location="dtype",
-        )
     shapes = {name: linear_shape(module, name) for name, module in first.modules.items()}
     builder = ArtifactBuilder(dtype=dtype, packed=packed)
     parts = pools.items() if per_dataset else [(None, _pooled(list(pools.values())))]

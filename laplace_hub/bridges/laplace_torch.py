@@ -129,12 +129,6 @@ def from_laplace(
         raise LaplaceHubError(
             "reduce aggregates over a sequence; `normalization` per_token needs expand", location="normalization"
         )
-    if kron and dtype in ("bfloat16", "float16"):
-        raise LaplaceHubError(
-            f"dense Kronecker factors in {dtype} would be ridged far beyond their rounding by readers "
-            "(SPEC.md §8.3); store them as float32 or float64",
-            location="dtype",
-        )
     count = info.sequences if normalization == "per_sequence" else info.tokens
     builder = ArtifactBuilder(dtype=dtype, packed=packed)
     blocks = _kron_blocks(la, covered, count) if kron else _diag_blocks(la, covered, count)

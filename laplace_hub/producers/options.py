@@ -130,22 +130,6 @@ class ComputeOptions(CurvatureOptions, LoraOptions, WriteOptions):
 
     accumulate_dtype: torch.dtype = torch.float32
 
-    def check(self) -> None:
-        """The curvature's rules, and dense Kronecker factors never in half precision.
-
-        Readers decode a dense factor as ``F + τ‖F‖_F·I`` so that rounding cannot make it
-        indefinite (SPEC.md §8.3). At bf16's ``τ`` that ridge is several times the trace of a
-        sharply peaked factor (the penalty of SmolLM2's q,k,v,o was 15× too large); eigen factors
-        keep their eigenvalues exactly and are safe to halve.
-        """
-        super().check()
-        if self.dtype in ("bfloat16", "float16") and self.structure.startswith("kron") and self.eig_rank is None:
-            raise LaplaceHubError(
-                f"dense Kronecker factors in {self.dtype} would be ridged far beyond their rounding by readers "
-                "(SPEC.md §8.3); store them as float32, or eigen-truncate them (`eig_rank`, kron_eig)",
-                location="dtype",
-            )
-
     @property
     def compute_dtype(self) -> torch.dtype:
         """The accumulation dtype, never below the stored one (a float64 artifact is computed in float64)."""

@@ -177,10 +177,8 @@ def test_narrow_sketch_is_a_valid_underestimate(model, batches) -> None:  # noqa
 
 
 def test_refused_options() -> None:
-    with pytest.raises(LaplaceHubError, match="ridged far beyond") as err:
-        ComputeOptions(structure="kron", dtype="bfloat16").check()
-    assert err.value.location == "dtype"
-    ComputeOptions(structure="kron", eig_rank=4, dtype="bfloat16").check()  # eigenvalues are kept exactly
+    ComputeOptions(structure="kron", dtype="bfloat16").check()  # readers decode what is stored (SPEC.md §8.3)
+    ComputeOptions(structure="kron", eig_rank=4, dtype="bfloat16").check()
     with pytest.raises(LaplaceHubError, match="needs `eig_rank`"):
         ComputeOptions(structure="kron", eig_sketch=True).check()
     with pytest.raises(LaplaceHubError, match="≥ 1"):

@@ -15,7 +15,7 @@ from typing import Any, ClassVar, Protocol
 from torch import Tensor
 
 from laplace_hub.artifact.findings import Sink
-from laplace_hub.artifact.values import ridged
+from laplace_hub.artifact.values import psd_part
 from laplace_hub.curvature import Block, DenseFactor, Factor, unpack_symmetric
 from laplace_hub.manifest import (
     BlockEntry,
@@ -85,7 +85,7 @@ class StructureCodec(ABC):
 
     @abstractmethod
     def decode(self, entry: Any, at: Context, get: TensorGetter, sink: Sink | None) -> Block:
-        """The block ``entry`` describes (``at.dtype``'s tolerance sets the ridge of dense factors, SPEC.md §8.3).
+        """The block ``entry`` describes, its dense factors as readers decode them (SPEC.md §8.3).
 
         With a ``sink``, the rules across the block's tensors that decoding meets are reported there,
         located at the tensor they concern.
@@ -96,7 +96,7 @@ class StructureCodec(ABC):
         return None
 
 
-def load_factor(ref: FactorRef, n: int, get: TensorGetter, dtype: DType) -> DenseFactor:
-    """A stored dense factor (full or packed) with the reader's ridge (SPEC.md §8.3)."""
+def load_factor(ref: FactorRef, n: int, get: TensorGetter) -> DenseFactor:
+    """A stored dense factor (full or packed) as readers decode it: its symmetric part's PSD part (SPEC.md §8.3)."""
     tensor = get(ref.key)
-    return DenseFactor(ridged(unpack_symmetric(tensor, n) if ref.packed else tensor, dtype))
+    return DenseFactor(psd_part(unpack_symmetric(tensor, n) if ref.packed else tensor))

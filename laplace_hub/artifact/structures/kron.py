@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 from laplace_hub.artifact.findings import Sink
 from laplace_hub.artifact.structures.base import Context, StructureCodec, TensorGetter, TensorStore, load_factor
 from laplace_hub.curvature import Block, Factor, KronBlock
-from laplace_hub.manifest import BlockEntry, DType, EigenFactorRef, FactorRef, KronBlockEntry, Param
+from laplace_hub.manifest import BlockEntry, EigenFactorRef, FactorRef, KronBlockEntry, Param
 
 
 class Kron(StructureCodec):
@@ -34,15 +34,15 @@ class Kron(StructureCodec):
 
     def decode(self, entry: Any, at: Context, get: TensorGetter, sink: Sink | None) -> KronBlock:
         d_out, d_in = entry.dims(at.shape, at.rank)
-        return KronBlock(self.load(entry.input, d_in, get, at.dtype), self.load(entry.output, d_out, get, at.dtype))
+        return KronBlock(self.load(entry.input, d_in, get), self.load(entry.output, d_out, get))
 
     def store_factor(self, store: TensorStore, factor: Factor, key: str) -> FactorRef | EigenFactorRef:
         """Store one factor of a block."""
         return store.factor(factor, key)
 
-    def load(self, ref: Any, n: int, get: TensorGetter, dtype: DType) -> Factor:
+    def load(self, ref: Any, n: int, get: TensorGetter) -> Factor:
         """Read one factor (``n × n``) back."""
-        return load_factor(ref, n, get, dtype)
+        return load_factor(ref, n, get)
 
 
 CODEC = Kron()

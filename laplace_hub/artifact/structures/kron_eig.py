@@ -9,7 +9,7 @@ from laplace_hub.artifact.structures.base import Context, MaybeTensor, TensorGet
 from laplace_hub.artifact.structures.kron import Kron
 from laplace_hub.artifact.values import check_tail
 from laplace_hub.curvature import EigenFactor, Factor, KronBlock
-from laplace_hub.manifest import DType, EigenFactorRef, FactorRef, KronEigBlockEntry
+from laplace_hub.manifest import EigenFactorRef, FactorRef, KronEigBlockEntry
 
 
 class KronEig(Kron):
@@ -22,7 +22,7 @@ class KronEig(Kron):
     def store_factor(self, store: TensorStore, factor: Factor, key: str) -> FactorRef | EigenFactorRef:
         return store.eigen(factor, key)
 
-    def load(self, ref: EigenFactorRef, n: int, get: TensorGetter, dtype: DType) -> EigenFactor:
+    def load(self, ref: EigenFactorRef, n: int, get: TensorGetter) -> EigenFactor:
         # eigenvalues below the tail by rounding are clipped to it: then λ − tail ≥ 0 and F is PSD for any V
         return EigenFactor(get(ref.eigenvectors), get(ref.eigenvalues).clamp_min(ref.tail), ref.tail)
 

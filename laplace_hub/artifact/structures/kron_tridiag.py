@@ -19,7 +19,7 @@ from laplace_hub.artifact.structures.base import (
 from laplace_hub.artifact.values import check_cross, cross_norm
 from laplace_hub.curvature import Block, KronBlock, LoraPairBlock
 from laplace_hub.errors import StructureError
-from laplace_hub.manifest import DType, KronTridiagBlockEntry, Param
+from laplace_hub.manifest import KronTridiagBlockEntry, Param
 
 
 class KronTridiag(StructureCodec):
@@ -56,9 +56,9 @@ class KronTridiag(StructureCodec):
     def decode(self, entry: KronTridiagBlockEntry, at: Context, get: TensorGetter, sink: Sink | None) -> LoraPairBlock:
         if at.rank is None:
             raise StructureError("kron_tridiag needs the lora parameterization")
-        block, norm = decode_tridiag(entry, at.shape, at.rank, get, at.dtype)
+        block, norm = decode_tridiag(entry, at.shape, at.rank, get)
         if sink is not None:
-            check_cross(sink, entry.cross_output, norm)
+            check_cross(sink, entry.cross_output, norm, at.dtype)
         return block
 
     def check(self, sink: Sink, where: str, entry: KronTridiagBlockEntry, at: Context, get: MaybeTensor) -> None:
@@ -68,19 +68,19 @@ class KronTridiag(StructureCodec):
         tensors = {key: get(key) for key in (*(r.key for r in refs), entry.cross_input, entry.cross_output)}
         if all(t is not None for t in tensors.values()):
             getter = lambda key: tensors[key].to(torch.float64)  # type: ignore[union-attr]  # noqa: E731
-            check_cross(sink, where, decode_tridiag(entry, at.shape, at.rank, getter, at.dtype)[1])
+            check_cross(sink, where, decode_tridiag(entry, at.shape, at.rank, getter)[1], at.dtype)
 
 
 def decode_tridiag(
-    entry: KronTridiagBlockEntry, shape: tuple[int, int], rank: int, get: TensorGetter, dtype: DType
+    entry: KronTridiagBlockEntry, shape: tuple[int, int], rank: int, get: TensorGetter
 ) -> tuple[LoraPairBlock, float]:
     """The LoRA pair block a ``kron_tridiag`` entry describes, and its cross norm (PSD iff ``≤ 1``).
 
     A cross norm a hair above 1 (rounding) is scaled down to 1 here; far above, the reader refuses.
     """
     d_out, d_in = shape
-    a = KronBlock(load_factor(entry.a_input, d_in, get, dtype), load_factor(entry.a_output, rank, get, dtype))
-    b = KronBlock(load_factor(entry.b_input, rank, get, dtype), load_factor(entry.b_output, d_out, get, dtype))
+    a = KronBlock(load_factor(entry.a_input, d_in, get), load_factor(entry.a_output, rank, get))
+    b = KronBlock(load_factor(entry.b_input, rank, get), load_factor(entry.b_output, d_out, get))
     cross_input, cross_output = get(entry.cross_input), get(entry.cross_output)
     norm = cross_norm(a.input.dense(), a.output.dense(), b.input.dense(), b.output.dense(), cross_input, cross_output)
     if norm > 1:
