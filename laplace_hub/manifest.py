@@ -59,7 +59,7 @@ __all__ = [
 
 FORMAT_NAME: Literal["laplace-hub"] = "laplace-hub"
 """The manifest's ``format`` field, and the prefix of every tensor file's ``format`` metadata."""
-SPEC_VERSION = "1.2"
+SPEC_VERSION = "1.3"
 """The newest spec version this package implements; it reads every minor of the same major."""
 MANIFEST_NAME = "laplace.json"
 """The manifest's file name in an artifact folder."""
@@ -88,6 +88,9 @@ DatasetName = Annotated[
     str, StringConstraints(pattern=rf"^[A-Za-z0-9_][A-Za-z0-9_\-]{{0,{MAX_DATASET_NAME_LENGTH - 1}}}$")
 ]
 Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+ModuleName = Annotated[str, StringConstraints(pattern=r"^[^\x00-\x1f\x7f]{1,512}$")]
+"""A module's name: 1–512 characters, none a control character (the fingerprint and logs stay unambiguous)."""
+MAX_MODULES = 100_000
 Param = Literal["weight", "lora_A", "lora_B", "lora_AB"]
 Role = Literal["diagonal", "lowrank", "factor", "eigenvalues", "eigenvectors", "cross", "init"]
 TensorShapes = Iterator[tuple[str, tuple[int, ...], Role]]
@@ -289,10 +292,15 @@ class DatasetInfo(_Model):
 
 
 class Fingerprint(_Model):
-    """sha256 over the covered base weights, computed as SPEC.md §7 says."""
+    """sha256 over the covered base weights, computed as SPEC.md §7 says.
 
-    algorithm: Literal["sha256-f32-v1"]
+    ``sha256-f32-v2`` (spec 1.3) also lists one digest per module, so that a fine-tuner whose adapter
+    covers any subset of the modules checks exactly those; ``value`` is then the digest of that list.
+    """
+
+    algorithm: Literal["sha256-f32-v1", "sha256-f32-v2"]
     value: Sha256
+    modules: dict[ModuleName, Sha256] | None = Field(default=None, max_length=MAX_MODULES)
 
 
 class BaseModelInfo(_Model):
@@ -334,7 +342,7 @@ class Manifest(_Model):
     datasets: list[DatasetInfo] = Field(min_length=1, max_length=256)
     datasets_combined: Literal["separate", "summed"]
     dtype: DType
-    modules: dict[str, ModuleEntry] = Field(min_length=1, max_length=100_000)
+    modules: dict[ModuleName, ModuleEntry] = Field(min_length=1, max_length=MAX_MODULES)
     files: dict[str, FileEntry] = Field(max_length=100_000)
     software: dict[str, str] = Field(default_factory=dict)
     license: str | None = Field(default=None, max_length=128)
@@ -348,6 +356,7 @@ INTRODUCED_IN = {
         if e.introduced_in != "1.0"
     },
     "field lineage": "1.1",
+    "fingerprint sha256-f32-v2": "1.3",
 }
 """What each minor added: a manifest using these needs at least that spec_version (SPEC.md §10)."""
 
@@ -357,6 +366,9 @@ def features(manifest: Manifest) -> set[str]:
     used = {f"structure {b.structure}" for module in manifest.modules.values() for b in module.blocks}
     if manifest.lineage is not None:
         used.add("field lineage")
+    fingerprints = [manifest.base_model.fingerprint, *(part.base_model.fingerprint for part in manifest.lineage or [])]
+    if any(f is not None and (f.algorithm != "sha256-f32-v1" or f.modules is not None) for f in fingerprints):
+        used.add("fingerprint sha256-f32-v2")
     return used & set(INTRODUCED_IN)
 
 
@@ -370,7 +382,11 @@ def manifest_json(manifest: Manifest) -> dict[str, Any]:
 
     A manifest that uses no newer feature is then byte for byte what an older writer wrote.
     """
-    return manifest.model_dump(mode="json", exclude={"lineage"} if manifest.lineage is None else None)
+    data = manifest.model_dump(mode="json", exclude={"lineage"} if manifest.lineage is None else None)
+    for base_model in [data["base_model"], *(part["base_model"] for part in data.get("lineage") or [])]:
+        if base_model["fingerprint"] is not None and base_model["fingerprint"]["modules"] is None:
+            del base_model["fingerprint"]["modules"]
+    return data
 
 
 def tensor_file_metadata(spec_version: str) -> dict[str, str]:

@@ -34,6 +34,7 @@ from safetensors.torch import load_file, save_file
 
 from laplace_hub.artifact import Artifact, ArtifactBuilder, merge, minimal_fields
 from laplace_hub.artifact.files import sha256_file
+from laplace_hub.fingerprint import fingerprint_weights, root_digest
 from laplace_hub.curvature import DenseFactor, DiagBlock, DiagLowRankBlock, KronBlock, WeightBlock
 from laplace_hub.manifest import (
     SPEC_VERSION,
@@ -137,7 +138,18 @@ def valid_vectors() -> dict[str, Callable[[], object]]:
         "weight-diag-lowrank": make(lambda g: weight_builder("diag_lowrank", g), kfac_approx=None),
         "lora-diag-lowrank": make(lambda g: lora_builder("diag_lowrank", g), parameterization=LORA, kfac_approx=None),
         "merged-kron": merged_vector,
+        # 1.3: a fingerprint per module, of the weights BASE_WEIGHTS generates
+        "weight-kron-fingerprinted": make(
+            lambda g: weight_builder("kron", g),
+            base_model=BaseModelInfo(repo_id="example/model", fingerprint=fingerprint_weights(base_weights())),
+        ),
     }
+
+
+def base_weights() -> dict[str, torch.Tensor]:
+    """The base model the fingerprinted vector was computed at: ``W`` of each module, seed 7, float32."""
+    gen = torch.Generator().manual_seed(7)
+    return {name: torch.randn(*shape, generator=gen) for name, shape in SHAPES.items()}
 
 
 def merged_vector() -> Artifact:
@@ -167,6 +179,8 @@ def write_valid(out: Path) -> dict[str, Path]:
     # 1.2 writes no manifest a 1.1 writer could not: its only valid vector is the next minor's
     newer = _copy(folders["weight-diag-lowrank"], "newer-minor-1.3", version=out / "1.2")
     _edit_manifest(newer, lambda m: m.update(spec_version="1.3", future_field={"added_in": "1.3"}))
+    newer = _copy(folders["weight-kron-fingerprinted"], "newer-minor-1.4")
+    _edit_manifest(newer, lambda m: m.update(spec_version="1.4", future_field={"added_in": "1.4"}))
     return folders
 
 
@@ -799,14 +813,149 @@ INVALID_1_2: dict[str, tuple[str, str, str, Callable[[Path], object]]] = {
 }
 
 
+def _fingerprint_edit(edit: Callable[[dict[str, Any]], object]) -> Callable[[Path], None]:
+    return lambda f: _edit_manifest(f, lambda m: edit(m["base_model"]["fingerprint"]))
+
+
+INVALID_1_3: dict[str, tuple[str, str, str, Callable[[Path], object]]] = {
+    "fingerprint-wrong-root": (
+        "weight-kron-fingerprinted",
+        "manifest.fingerprint",
+        "the v2 fingerprint's value is not the digest of its modules' digests",
+        _fingerprint_edit(lambda fp: fp.update(value="0" * 64)),
+    ),
+    "fingerprint-module-missing": (
+        "weight-kron-fingerprinted",
+        "manifest.fingerprint",
+        "the v2 fingerprint lists one module fewer than the manifest (value recomputed)",
+        _fingerprint_edit(lambda fp: fp["modules"].pop(K_PROJ) and fp.update(value=root_digest(fp["modules"]))),
+    ),
+    "fingerprint-v1-with-modules": (
+        "weight-kron-fingerprinted",
+        "manifest.fingerprint",
+        "a sha256-f32-v1 fingerprint that lists module digests",
+        _fingerprint_edit(lambda fp: fp.update(algorithm="sha256-f32-v1")),
+    ),
+    "fingerprint-v2-in-1.2": (
+        "weight-kron-fingerprinted",
+        "manifest.newer_feature",
+        "a sha256-f32-v2 fingerprint in a manifest that says 1.2",
+        lambda f: _edit_manifest(f, lambda m: m.update(spec_version="1.2")),
+    ),
+    "module-name-control-character": (
+        "weight-kron-fingerprinted",
+        "manifest.schema",
+        "a module name holding U+0000 (names are 1–512 characters, no control character)",
+        lambda f: _edit_manifest(f, lambda m: _rename_module(m, K_PROJ, K_PROJ + "\x00")),
+    ),
+    "unknown-structure-newer-minor-1.4": (
+        "weight-kron-fingerprinted",
+        "manifest.unsupported_structure",
+        "a 1.4 manifest with a structure this reader does not know",
+        lambda f: _edit_manifest(f, _future_structure("1.4")),
+    ),
+}
+
+
 def write_invalid(valid: dict[str, Path], out: Path) -> None:
-    for vectors, version in ((INVALID, None), (INVALID_1_2, out / "1.2")):
+    for vectors, version in ((INVALID, None), (INVALID_1_2, out / "1.2"), (INVALID_1_3, out / "1.3")):
         for name, (source, code, what, breaker) in vectors.items():
             folder = _copy(valid[source], name, "invalid", version)
             breaker(folder)
             folder.with_name(f"{name}.expected.json").write_text(
                 json.dumps({"code": code, "what": what, "from": source}, indent=2) + "\n"
             )
+
+
+# --- expected penalties: a second, dense reading of SPEC.md §4–§5 and §8.3 -----------------------
+
+PENALTIES = "penalties-{version}.json"
+
+
+def _raw(folder: Path) -> dict[str, torch.Tensor]:
+    """Every stored tensor, read straight from the safetensors files, in float64."""
+    return {k: v.double() for f in sorted(folder.glob("laplace*.safetensors")) for k, v in load_file(f).items()}
+
+
+def _psd(matrix: torch.Tensor) -> torch.Tensor:
+    """§8.3: the symmetric part, its negative eigenvalues set to 0."""
+    values, vectors = torch.linalg.eigh((matrix + matrix.T) / 2)
+    return vectors @ torch.diag(values.clamp_min(0)) @ vectors.T
+
+
+def _factor(ref: dict[str, Any], n: int, raw: dict[str, torch.Tensor]) -> torch.Tensor:
+    if "eigenvalues" in ref:  # F = V diag(max(λ, t) − t) Vᵀ + t·I
+        v, tail = raw[ref["eigenvectors"]], ref["tail"]
+        return v @ torch.diag(raw[ref["eigenvalues"]].clamp_min(tail) - tail) @ v.T + tail * torch.eye(
+            n, dtype=torch.float64
+        )
+    stored = raw[ref["key"]]
+    if ref.get("packed"):
+        rows, cols = torch.triu_indices(n, n)
+        full = torch.zeros(n, n, dtype=torch.float64)
+        full[rows, cols] = stored
+        full[cols, rows] = stored
+        stored = full
+    return _psd(stored)
+
+
+def _dense(block: dict[str, Any], m: int, n: int, r: int, raw: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``P`` of one block over the row-major vec of its param (``m × n``), or of ``(δA, δB)`` for ``lora_AB``."""
+    kind = block["structure"]
+    if kind == "diag":
+        return torch.diag(raw[block["diagonal"]].reshape(-1))
+    if kind == "diag_lowrank":
+        u = raw[block["lowrank"]].reshape(block["rank"], -1)
+        return torch.diag(raw[block["diagonal"]].reshape(-1)) + u.T @ u
+    if kind in ("kron", "kron_eig"):
+        return torch.kron(_factor(block["output"], m, raw), _factor(block["input"], n, raw))
+    d_out, d_in = m, n  # kron_tridiag over (vec δA, vec δB)
+    a = torch.kron(_factor(block["a_output"], r, raw), _factor(block["a_input"], d_in, raw))
+    b = torch.kron(_factor(block["b_output"], d_out, raw), _factor(block["b_input"], r, raw))
+    c = torch.kron(raw[block["cross_output"]], raw[block["cross_input"]])
+    return torch.cat([torch.cat([a, c], 1), torch.cat([c.T, b], 1)], 0)
+
+
+def _module_precision(manifest: dict[str, Any], module: dict[str, Any], raw: dict[str, torch.Tensor]) -> torch.Tensor:
+    """§5: ``P`` of a module over ``vec(Δ)`` (weight) or ``(vec δA, vec δB)`` (lora), datasets weighted."""
+    d_out, d_in = module["shape"]
+    r = manifest["parameterization"].get("rank", 0)
+    sides = {"weight": (d_out, d_in), "lora_A": (r, d_in), "lora_B": (d_out, r), "lora_AB": (d_out, d_in)}
+    weights = {d["name"]: d.get("weight", 1.0) for d in manifest["datasets"]}
+    size = d_out * d_in if manifest["parameterization"]["kind"] == "weight" else r * (d_in + d_out)
+    total = torch.zeros(size, size, dtype=torch.float64)
+    for block in module["blocks"]:
+        dense = _dense(block, *sides[block["param"]], r, raw) * weights.get(block["dataset"], 1.0)
+        start = r * d_in if block["param"] == "lora_B" else 0
+        total[start : start + dense.shape[0], start : start + dense.shape[0]] += dense
+    return total
+
+
+def expected_penalties(folder: Path) -> dict[str, list[dict[str, Any]]]:
+    """Two updates per module (eighths, exact in JSON) and ``vec(Δ)ᵀ P vec(Δ)`` from the raw numbers."""
+    manifest, raw = json.loads((folder / "laplace.json").read_text()), _raw(folder)
+    gen = torch.Generator().manual_seed(0)
+    out: dict[str, list[dict[str, Any]]] = {}
+    for name, module in sorted(manifest["modules"].items()):
+        d_out, d_in = module["shape"]
+        shapes = [(d_out, d_in)]
+        if manifest["parameterization"]["kind"] == "lora":
+            r = manifest["parameterization"]["rank"]
+            shapes = [(r, d_in), (d_out, r)]
+        precision = _module_precision(manifest, module, raw)
+        out[name] = []
+        for _ in range(2):
+            deltas = [torch.randint(-16, 17, s, generator=gen).double() / 8 for s in shapes]
+            flat = torch.cat([d.reshape(-1) for d in deltas])
+            out[name].append({"deltas": [d.tolist() for d in deltas], "penalty": float(flat @ precision @ flat)})
+    return out
+
+
+def write_penalties(out: Path) -> None:
+    """``penalties-<SPEC_VERSION>.json``: what a reader of this version returns on every valid vector."""
+    vectors = sorted(p for p in out.glob("*/valid/*") if p.is_dir() and not p.name.startswith("newer-minor"))
+    table = {p.relative_to(out).as_posix(): expected_penalties(p) for p in vectors}
+    (out / PENALTIES.format(version=SPEC_VERSION)).write_text(json.dumps(table, indent=1) + "\n")
 
 
 def write_schema() -> None:
@@ -824,6 +973,7 @@ def main() -> int:
         out = args.out or OUT
         shutil.rmtree(out, ignore_errors=True)
         write_invalid(write_valid(out), out)
+        write_penalties(out)
     return 0
 
 

@@ -31,6 +31,8 @@ CONFORMANCE_1_1 = CONFORMANCE_ROOT / "1.1"
 SUPERSEDED = {
     "1.1/valid/newer-minor-1.2": "manifest.unknown_field",
     "1.1/invalid/unknown-structure-newer-minor": "manifest.schema",
+    "1.2/valid/newer-minor-1.3": "manifest.unknown_field",
+    "1.2/invalid/unknown-structure-newer-minor-1.3": "manifest.schema",
 }
 
 

@@ -10,6 +10,7 @@ from pydantic import ValidationError
 from laplace_hub.artifact.findings import Sink
 from laplace_hub.artifact.structures import REGISTRY, codec_for
 from laplace_hub.errors import LaplaceHubError
+from laplace_hub.fingerprint import root_digest
 from laplace_hub.manifest import (
     INTRODUCED_IN,
     MIN_DATASET_WEIGHT,
@@ -58,6 +59,7 @@ def check_semantics(report: Sink, manifest: Manifest) -> None:
     _check_estimator(report, manifest)
     _check_datasets(report, manifest)
     _check_lineage(report, manifest)
+    _check_fingerprints(report, manifest)
     for name, module in manifest.modules.items():
         _check_module(report, manifest, name, module)
 
@@ -70,6 +72,25 @@ def _check_features(report: Sink, m: Manifest) -> None:
                 "spec_version",
                 f"{feature} needs spec_version ≥ {INTRODUCED_IN[feature]}, the manifest says {m.spec_version}",
             )
+
+
+def _check_fingerprints(report: Sink, m: Manifest) -> None:
+    """A v2 fingerprint lists one digest per module (the top level's: exactly the manifest's) under its root."""
+    located = [("base_model.fingerprint", m.base_model.fingerprint, set(m.modules))]
+    located += [
+        (f"lineage.{i}.base_model.fingerprint", p.base_model.fingerprint, None) for i, p in enumerate(m.lineage or [])
+    ]
+    for where, fingerprint, names in located:
+        if fingerprint is None:
+            continue
+        if (fingerprint.algorithm == "sha256-f32-v2") != (fingerprint.modules is not None):
+            report.add("manifest.fingerprint", where, "sha256-f32-v2, and only it, lists the modules' digests")
+        elif fingerprint.modules is not None:
+            if names is not None and set(fingerprint.modules) != names:
+                odd = sorted(set(fingerprint.modules) ^ names)[:3]
+                report.add("manifest.fingerprint", where, f"its modules must be the manifest's; differs at {odd}")
+            elif root_digest(fingerprint.modules) != fingerprint.value:
+                report.add("manifest.fingerprint", where, "value is not the digest of its modules' digests (§7)")
 
 
 def _check_lineage(report: Sink, m: Manifest) -> None:

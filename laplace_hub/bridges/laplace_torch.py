@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from laplace_hub.artifact import Artifact, ArtifactBuilder, software_versions
 from laplace_hub.consumers import adapted_modules
-from laplace_hub.consumers.regularizer import AdaptedModule
+from laplace_hub.consumers.regularizer import AdaptedModule, check_base_weights
 from laplace_hub.curvature import (
     Block,
     BlockSum,
@@ -221,7 +221,7 @@ def to_prior_precision(
         )
     modules = artifact.manifest.modules
     lora = {m.name: m for m in adapted_modules(model, adapter) if m.name in modules}
-    _check_lora(artifact, lora, check_fingerprint)
+    _check_lora(artifact, model, lora, check_fingerprint)
     factors = {id(m.lora_a): (m, 0) for m in lora.values()} | {id(m.lora_b): (m, 1) for m in lora.values()}
     weights = {id(mod.weight): name for name, mod in _linears(model)}
     pairs: dict[str, tuple[Tensor, Tensor]] = {}
@@ -458,21 +458,15 @@ def _lora_diagonals(block: Block, m: AdaptedModule, approximate: bool) -> tuple[
     return _diagonal(pair.a, approximate, m.name), _diagonal(pair.b, approximate, m.name)
 
 
-def _check_lora(artifact: Artifact, lora: dict[str, AdaptedModule], check_fingerprint: bool) -> None:
+def _check_lora(artifact: Artifact, model: nn.Module, lora: dict[str, AdaptedModule], check_fingerprint: bool) -> None:
     modules = artifact.manifest.modules
     for name, m in lora.items():
         if list(m.base_weight.shape) != modules[name].shape:
             raise ModelMismatchError(
                 f"shape {list(m.base_weight.shape)} differs from the artifact's {modules[name].shape}", location=name
             )
-    fingerprint = artifact.manifest.base_model.fingerprint
-    if check_fingerprint and fingerprint is not None and lora and len(lora) == len(modules):
-        if fingerprint_modules({name: m.base_layer for name, m in lora.items()}) != fingerprint:
-            raise ModelMismatchError(
-                "the base weights differ from those the artifact was computed at (fingerprint mismatch); load the "
-                "same base model and revision, or pass check_fingerprint=False",
-                location=artifact.manifest.base_model.repo_id,
-            )
+    if check_fingerprint:
+        check_base_weights(artifact, model, {name: m.base_layer for name, m in lora.items()})
 
 
 __all__ = ["from_laplace", "to_prior_precision"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
-from collections.abc import Hashable, Iterator
+from collections.abc import Hashable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -27,7 +27,7 @@ from laplace_hub.curvature import (
     stack_blocks,
 )
 from laplace_hub.errors import LaplaceHubError, ModelMismatchError
-from laplace_hub.fingerprint import fingerprint_modules
+from laplace_hub.fingerprint import differing_modules
 from laplace_hub.linear import weight_out_in
 from laplace_hub.manifest import LoraParameterization
 
@@ -73,6 +73,54 @@ def adapted_modules(model: nn.Module, adapter: str = "default") -> Iterator[Adap
     for name, module in model.named_modules():
         if hasattr(module, "lora_A") and hasattr(module, "base_layer") and adapter in module.lora_A:
             yield AdaptedModule(name.removeprefix("base_model.model."), module, adapter)
+
+
+def check_base_weights(artifact: Artifact, model: nn.Module, covered: dict[str, nn.Module]) -> None:
+    """Refuse base weights that differ from the artifact's fingerprint, naming the modules (SPEC.md §7).
+
+    A ``v2`` fingerprint checks exactly the ``covered`` modules; a ``v1`` one (1.0–1.2 artifacts) is
+    one hash over every module of the artifact, taken from the model whether adapted or not, and
+    only warned about when the model lacks one of them.
+    """
+    fingerprint = artifact.manifest.base_model.fingerprint
+    if fingerprint is None or not covered:
+        return
+    every = _base_modules(model, artifact.manifest.modules) if fingerprint.modules is None else None
+    differing = differing_modules(fingerprint, covered, every)
+    if differing is None:
+        logger.warning(
+            "the base weights cannot be checked: the artifact's sha256-f32-v1 fingerprint covers modules the "
+            "model does not have; recompute the artifact (spec 1.3 fingerprints each module)"
+        )
+    elif differing:
+        shown = ", ".join(differing[:3]) + (f" and {len(differing) - 3} more" if len(differing) > 3 else "")
+        raise ModelMismatchError(
+            f"the base weights of {len(differing)} module(s) differ from those the artifact was computed at "
+            f"(fingerprint mismatch: {shown}); load the same base model and revision"
+            + (
+                " (a continual posterior: the weights after its latest task, with earlier adapters merged)"
+                if artifact.manifest.lineage
+                else ""
+            )
+            + ", or pass check_fingerprint=False",
+            location=artifact.manifest.base_model.repo_id,
+        )
+
+
+def _base_modules(model: nn.Module, names: Iterable[str]) -> dict[str, nn.Module] | None:
+    """The model's base module of every name (a PEFT layer's ``base_layer``), or ``None`` if one is missing."""
+    found = {}
+    for name in names:
+        for path in (f"base_model.model.{name}", name):
+            try:
+                module = model.get_submodule(path)
+            except AttributeError:
+                continue
+            found[name] = getattr(module, "base_layer", module)
+            break
+        else:
+            return None
+    return found
 
 
 def identity_block(d_out: int, d_in: int, device: torch.device | None = None) -> KronBlock:
@@ -182,21 +230,8 @@ class LaplaceRegularizer(nn.Module):
                     f"{artifact.manifest.modules[m.name].shape}",
                     location=m.name,
                 )
-        fingerprint = artifact.manifest.base_model.fingerprint
-        if check_fingerprint and fingerprint is not None:
-            covered = {m.name: m.base_layer for m in modules}  # hashed one whole weight at a time
-            if len(covered) == len(artifact.manifest.modules) and fingerprint_modules(covered) != fingerprint:
-                raise ModelMismatchError(
-                    "the base weights differ from those the artifact was computed at (fingerprint "
-                    "mismatch); load the same base model and revision"
-                    + (
-                        " (a continual posterior: the weights after its latest task, with earlier adapters merged)"
-                        if artifact.manifest.lineage
-                        else ""
-                    )
-                    + ", or pass check_fingerprint=False",
-                    location=artifact.manifest.base_model.repo_id,
-                )
+        if check_fingerprint:
+            check_base_weights(artifact, model, {m.name: m.base_layer for m in modules})
         blocks: list[Block] = []
         for m in modules:
             block = artifact.block(m.name, dtype=dtype, device=m.lora_a.device)

@@ -29,6 +29,7 @@ NO_VECTOR = {"model.module_missing", "model.shape", "file.unreadable"}
 # The codes spec 1.2 adds or gives new rules, and the codes no 1.0/1.1 vector gave: each needs a vector
 # even before SPEC.md §9 lists it.
 CODES_1_2 = {
+    "manifest.fingerprint",
     "file.not_regular",
     "file.budget",
     "file.bad_safetensors",
@@ -77,10 +78,12 @@ def _expected(folder: Path) -> str:
 VALID = _vectors("valid")
 INVALID = _vectors("invalid")
 INVALID_1_2 = _vectors("invalid", "1.2")
+INVALID_1_3 = _vectors("invalid", "1.3")
+PENALTIES = json.loads((CONFORMANCE_ROOT / f"penalties-{SPEC_VERSION}.json").read_text())
 
 
 def test_vectors_are_filed_under_their_spec_version() -> None:
-    assert VERSIONS == ["1.0", "1.1", "1.2"]
+    assert VERSIONS == ["1.0", "1.1", "1.2", "1.3"]
     assert VERSIONS[-1] == SPEC_VERSION
     assert all(p.is_dir() for p in VALID)
     for folder in VALID:
@@ -152,13 +155,9 @@ def test_invalid_vector_gives_its_code(folder: Path) -> None:
     assert expected in {f.code for f in report.errors}, [f.line() for f in report.findings]
 
 
-@pytest.mark.parametrize(
-    "folder",
-    INVALID_1_2,
-    ids=_vector_id,
-)
-def test_1_2_invalid_vector_gives_its_code_only(folder: Path) -> None:
-    """Each 1.2 vector breaks one rule: every error is of its code (nothing cascades from it)."""
+@pytest.mark.parametrize("folder", INVALID_1_2 + INVALID_1_3, ids=_vector_id)
+def test_1_2_and_1_3_invalid_vector_gives_its_code_only(folder: Path) -> None:
+    """Each 1.2 and 1.3 vector breaks one rule: every error is of its code (nothing cascades from it)."""
     report = validate(folder)
     assert report.errors, [f.line() for f in report.findings]
     assert {f.code for f in report.errors} == {_expected(folder)}, [f.line() for f in report.findings]
@@ -171,6 +170,26 @@ def test_1_2_invalid_vectors_keep_their_old_spec_version() -> None:
         if manifest.exists() and not folder.name.startswith("unknown-structure-newer-minor"):
             version = re.search(rb'"spec_version": "([0-9.]+)"', manifest.read_bytes())
             assert version is not None and version[1] in (b"1.0", b"1.1"), folder
+
+
+def test_every_valid_vector_has_expected_penalties() -> None:
+    assert sorted(PENALTIES) == sorted(
+        p.relative_to(CONFORMANCE_ROOT).as_posix() for p in VALID if not p.name.startswith("newer-minor")
+    )
+
+
+@pytest.mark.parametrize("vector", sorted(PENALTIES))
+def test_the_reader_returns_the_expected_penalties(vector: str) -> None:
+    """SPEC.md §8.3's fidelity: the penalty is the dense form of the stored numbers (computed by the generator
+    from the raw safetensors, without this package's reader), in float64 to rounding, in float32 to 1e-5."""
+    artifact = Artifact.open(CONFORMANCE_ROOT / vector, verify_checksums=True)
+    for module, cases in PENALTIES[vector].items():
+        for case in cases:
+            deltas = [torch.tensor(d, dtype=torch.float64) for d in case["deltas"]]
+            wide = artifact.block(module, dtype=torch.float64).quad(*deltas).item()
+            narrow = artifact.block(module).quad(*(d.float() for d in deltas)).item()
+            assert wide == pytest.approx(case["penalty"], rel=1e-9, abs=1e-12), (module, case)
+            assert narrow == pytest.approx(case["penalty"], rel=1e-5, abs=1e-9), (module, case)
 
 
 @pytest.mark.parametrize("vector", sorted(SUPERSEDED))

@@ -12,7 +12,9 @@ from transformers import LlamaForCausalLM
 from laplace_hub.consumers import LaplaceRegularizer, adapted_modules, apply_lora_init, regularized_loss
 from laplace_hub.data import pad_batch
 from laplace_hub.errors import LaplaceHubError, ModelMismatchError
-from laplace_hub.manifest import BaseModelInfo
+from laplace_hub.artifact import Artifact
+from laplace_hub.fingerprint import legacy_fingerprint
+from laplace_hub.manifest import BaseModelInfo, required_version
 from laplace_hub.models import select_targets
 from laplace_hub.producers import ComputeOptions, compute_artifact
 from tests.conftest import tiny_llama
@@ -31,9 +33,11 @@ def batches():
     return [pad_batch([torch.randint(1, 23, (n,), generator=gen).tolist() for n in (5, 3, 6)], 0)]
 
 
-def artifact(base, batches, **options):
+def artifact(base, batches, targets=TARGETS, **options):
     opts = ComputeOptions(accumulate_dtype=torch.float64, dtype="float64", **options)
-    return compute_artifact(base, {"src": batches}, select_targets(base, TARGETS), opts, BaseModelInfo(repo_id="t"))
+    return compute_artifact(
+        base, {"src": batches}, select_targets(base, list(targets)), opts, BaseModelInfo(repo_id="t")
+    )
 
 
 def peft_model(base, adapter="default", rank=2, alpha=3.0, rslora=False, randomize=True):
@@ -132,6 +136,41 @@ def test_tridiag_lora_artifact_eq10(base, batches) -> None:
         delta = torch.cat([(m.lora_a - a0).reshape(-1), (m.lora_b - b0).reshape(-1)])
         expected += float(delta @ art.block(m.name, dtype=torch.float64).dense() @ delta)
     assert float(reg()) == pytest.approx(0.5 * expected, rel=1e-5)
+
+
+def test_the_fingerprint_checks_exactly_the_adapted_modules(base, batches) -> None:
+    """Issue 20: an artifact over q,k,v,o and an adapter over q,v (the guides' setup): a wrong base model is refused.
+
+    Spec 1.3's per-module digests check exactly the adapted modules; a 1.0–1.2 artifact's single hash is
+    checked over all of its modules, read from the model whether adapted or not.
+    """
+    art = artifact(base, batches, structure="diag", targets=("q_proj", "k_proj", "v_proj", "o_proj"))
+    assert art.manifest.base_model.fingerprint.modules is not None
+    q0 = "model.layers.0.self_attn.q_proj"
+    changed_q, changed_k = copy.deepcopy(base), copy.deepcopy(base)
+    with torch.no_grad():
+        changed_q.get_submodule(q0).weight.add_(1e-3)
+        changed_k.get_submodule("model.layers.0.self_attn.k_proj").weight.add_(1e-3)
+    with pytest.raises(ModelMismatchError, match=f"1 module.*{q0}"):
+        LaplaceRegularizer.from_artifact(art, peft_model(changed_q), strength=1.0)
+    random_init = copy.deepcopy(base)
+    with torch.no_grad():
+        for p in random_init.parameters():
+            p.normal_()
+    with pytest.raises(ModelMismatchError, match="fingerprint mismatch") as err:
+        LaplaceRegularizer.from_artifact(art, peft_model(random_init), strength=1.0, mode="lora_init")
+    assert "4 module(s)" in str(err.value)  # q and v of both layers
+    LaplaceRegularizer.from_artifact(art, peft_model(changed_k), strength=1.0)  # k is not adapted: not checked
+    LaplaceRegularizer.from_artifact(art, peft_model(changed_q), strength=1.0, check_fingerprint=False)
+    # a 1.2 artifact's single hash over q, k, v and o
+    legacy = legacy_fingerprint(select_targets(base, ["q_proj", "k_proj", "v_proj", "o_proj"]))
+    old = Artifact(
+        art.manifest.model_copy(update={"base_model": BaseModelInfo(repo_id="t", fingerprint=legacy)}), art.tensor
+    )
+    assert required_version(old.manifest) == "1.0"
+    LaplaceRegularizer.from_artifact(old, peft_model(base), strength=1.0)
+    with pytest.raises(ModelMismatchError, match="fingerprint mismatch"):
+        LaplaceRegularizer.from_artifact(old, peft_model(changed_k), strength=1.0)  # k counts in the one hash
 
 
 def test_identity_baseline_is_l2(base) -> None:
