@@ -34,8 +34,8 @@ from safetensors.torch import load_file, save_file
 
 from laplace_hub.artifact import Artifact, ArtifactBuilder, merge, minimal_fields
 from laplace_hub.artifact.files import sha256_file
-from laplace_hub.fingerprint import fingerprint_weights, root_digest
 from laplace_hub.curvature import DenseFactor, DiagBlock, DiagLowRankBlock, KronBlock, WeightBlock
+from laplace_hub.fingerprint import fingerprint_weights, root_digest
 from laplace_hub.manifest import (
     SPEC_VERSION,
     BaseModelInfo,

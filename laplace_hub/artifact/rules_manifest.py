@@ -15,6 +15,7 @@ from laplace_hub.manifest import (
     INTRODUCED_IN,
     MIN_DATASET_WEIGHT,
     SPEC_VERSION,
+    Fingerprint,
     LoraParameterization,
     Manifest,
     ModuleEntry,
@@ -76,6 +77,7 @@ def _check_features(report: Sink, m: Manifest) -> None:
 
 def _check_fingerprints(report: Sink, m: Manifest) -> None:
     """A v2 fingerprint lists one digest per module (the top level's: exactly the manifest's) under its root."""
+    located: list[tuple[str, Fingerprint | None, set[str] | None]]
     located = [("base_model.fingerprint", m.base_model.fingerprint, set(m.modules))]
     located += [
         (f"lineage.{i}.base_model.fingerprint", p.base_model.fingerprint, None) for i, p in enumerate(m.lineage or [])

@@ -9,10 +9,10 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaForCausalLM
 
+from laplace_hub.artifact import Artifact
 from laplace_hub.consumers import LaplaceRegularizer, adapted_modules, apply_lora_init, regularized_loss
 from laplace_hub.data import pad_batch
 from laplace_hub.errors import LaplaceHubError, ModelMismatchError
-from laplace_hub.artifact import Artifact
 from laplace_hub.fingerprint import legacy_fingerprint
 from laplace_hub.manifest import BaseModelInfo, required_version
 from laplace_hub.models import select_targets
