@@ -407,7 +407,7 @@ class TensorSpec:
 
 def parse_version(version: str) -> tuple[int, int]:
     """Split ``MAJOR.MINOR`` into integers; raises :class:`ManifestError` when malformed."""
-    match = re.fullmatch(r"([0-9]{1,4})\.([0-9]{1,4})", version)
+    match = re.fullmatch(r"(0|[1-9][0-9]{0,3})\.(0|[1-9][0-9]{0,3})", version)
     if match is None:
         raise ManifestError(f"spec_version {version!r} is not MAJOR.MINOR", location="spec_version")
     return int(match[1]), int(match[2])

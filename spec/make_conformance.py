@@ -848,6 +848,18 @@ INVALID_1_3: dict[str, tuple[str, str, str, Callable[[Path], object]]] = {
         "a module name holding U+0000 (names are 1–512 characters, no control character)",
         lambda f: _edit_manifest(f, lambda m: _rename_module(m, K_PROJ, K_PROJ + "\x00")),
     ),
+    "version-leading-zero": (
+        "weight-kron-fingerprinted",
+        "manifest.schema",
+        'spec_version "1.03" (MAJOR and MINOR are decimal integers without leading zeros)',
+        lambda f: _edit_manifest(f, lambda m: m.update(spec_version="1.03")),
+    ),
+    "factor-side-too-large": (
+        "weight-kron-fingerprinted",
+        "manifest.factor_side",
+        "a kron module of shape [40000, 4]: a dense output factor of side 40000 (at most 32768)",
+        lambda f: _edit_manifest(f, lambda m: m["modules"][K_PROJ].update(shape=[40000, 4])),
+    ),
     "unknown-structure-newer-minor-1.4": (
         "weight-kron-fingerprinted",
         "manifest.unsupported_structure",
@@ -857,14 +869,19 @@ INVALID_1_3: dict[str, tuple[str, str, str, Callable[[Path], object]]] = {
 }
 
 
+# Findings a validator also reports after these vectors' own (§8.4, §12): shapes follow from a refused module.
+FOLLOW_ONS = {"factor-side-too-large": ["manifest.fingerprint", "tensor.shape"]}
+
+
 def write_invalid(valid: dict[str, Path], out: Path) -> None:
     for vectors, version in ((INVALID, None), (INVALID_1_2, out / "1.2"), (INVALID_1_3, out / "1.3")):
         for name, (source, code, what, breaker) in vectors.items():
             folder = _copy(valid[source], name, "invalid", version)
             breaker(folder)
-            folder.with_name(f"{name}.expected.json").write_text(
-                json.dumps({"code": code, "what": what, "from": source}, indent=2) + "\n"
-            )
+            expected = {"code": code, "what": what, "from": source}
+            if name in FOLLOW_ONS:
+                expected["follow_ons"] = FOLLOW_ONS[name]  # type: ignore[assignment]
+            folder.with_name(f"{name}.expected.json").write_text(json.dumps(expected, indent=2) + "\n")
 
 
 # --- expected penalties: a second, dense reading of SPEC.md §4–§5 and §8.3 -----------------------

@@ -37,8 +37,8 @@ def test_strict_build(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stdout + done.stderr
     spec = (tmp_path / "spec" / "SPEC" / "index.html").read_text(encoding="utf-8")
-    assert "MUST" in spec and 'href="../manifest-1.2.schema.json"' in spec
-    assert (tmp_path / "spec" / "manifest-1.2.schema.json").is_file()  # linked from the spec: published
+    assert "MUST" in spec and 'href="../manifest-1.3.schema.json"' in spec
+    assert (tmp_path / "spec" / "manifest-1.3.schema.json").is_file()  # linked from the spec: published
     assert "value.not_psd" in (tmp_path / "spec" / "conformance" / "index.html").read_text(encoding="utf-8")
     cli = (tmp_path / "cli" / "index.html").read_text(encoding="utf-8")
     for command in ("compute", "validate", "inspect", "merge", "push", "pull", "sweep"):

@@ -44,6 +44,7 @@ from laplace_hub.manifest import (
     expected_tensors,
     first_problem,
     manifest_json,
+    required_version,
     unknown_fields,
 )
 
@@ -279,4 +280,5 @@ def merge(
     except ValidationError as e:  # e.g. more than 256 datasets after many merges
         where, message = first_problem(e)
         raise ArtifactError(f"the merged manifest would break the spec: {message}", location=where) from e
+    manifest = manifest.model_copy(update={"spec_version": required_version(manifest)})
     return Artifact(manifest, tensors.__getitem__)

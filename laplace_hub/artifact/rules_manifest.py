@@ -15,6 +15,7 @@ from laplace_hub.manifest import (
     INTRODUCED_IN,
     MIN_DATASET_WEIGHT,
     SPEC_VERSION,
+    FactorRef,
     Fingerprint,
     LoraParameterization,
     Manifest,
@@ -25,6 +26,8 @@ from laplace_hub.manifest import (
     unknown_fields,
 )
 
+MAX_FACTOR_SIDE = 32768
+"""The largest dense factor a validator factorises (Cholesky ≈ 1.2·10¹³ flops): Llama-3-70B's widest is 28672."""
 _PAIRS = " or ".join(name for name, codec in REGISTRY.items() if codec.pair)  # structures of a whole LoRA pair
 
 
@@ -158,6 +161,13 @@ def _check_module(report: Sink, m: Manifest, name: str, module: ModuleEntry) -> 
             )
         if codec_for(block).pair != (block.param == "lora_AB"):
             report.add("manifest.param", at, f"{_PAIRS} covers param lora_AB, and only it does")
+        if any(isinstance(ref, FactorRef) for _, ref in block) and max(module.shape) > MAX_FACTOR_SIDE:
+            report.add(
+                "manifest.factor_side",
+                at,
+                f"a dense factor of side {max(module.shape)} (at most {MAX_FACTOR_SIDE}: checking it would cost a "
+                "validator ~10¹³ flops or more); store it as kron_eig",
+            )
         params = covered.setdefault(block.dataset, set())
         if block.param in params:
             report.add("manifest.param", at, f"param {block.param!r} is covered twice for this dataset")
