@@ -65,7 +65,9 @@ def test_merged_precision_is_decayed_prior_plus_new(tmp_path: Path) -> None:
     merged = merge(prior, new, decay=0.3, sources=(str(tmp_path / "prior"), None)).save(tmp_path / "merged")
     assert validate(tmp_path / "merged").valid
     m = merged.manifest
-    assert m.spec_version == "1.1" and m.base_model == new.manifest.base_model  # the mean moves to the new weights
+    assert (
+        m.spec_version == "1.3" and m.base_model == new.manifest.base_model
+    )  # lineage (1.1), v2 fingerprints (1.3); the mean moves
     assert [(e.datasets, e.decay) for e in m.lineage or []] == [(["source"], 0.3), (["task1"], 1.0)]
     assert (
         m.lineage[0].manifest_sha256 == hashlib.sha256((tmp_path / "prior" / "laplace.json").read_bytes()).hexdigest()
