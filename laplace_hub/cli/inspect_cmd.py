@@ -1,4 +1,9 @@
-"""``laplace-hub inspect``: a readable summary of an artifact, or of the prior an adapter was trained under."""
+"""``laplace-hub inspect``: a readable summary of an artifact, or of the prior an adapter was trained under.
+
+Every string from an artifact or an adapter folder is printed through :func:`~laplace_hub.text.shown`
+(escaped when not printable: no terminal escape, no line break, no bidi override reaches the
+terminal); ``--json`` prints them exactly, as JSON escapes.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ from laplace_hub.cli._common import add_command, add_max_bytes, human_bytes, pri
 from laplace_hub.consumers.provenance import ADAPTER_CONFIG, PROVENANCE_FILE, read_provenance
 from laplace_hub.manifest import MANIFEST_NAME
 from laplace_hub.models import parameter_count
+from laplace_hub.text import shown
 
 
 def register(sub: Any) -> None:
@@ -90,8 +96,9 @@ def run(args: argparse.Namespace) -> int:
         print_json(summary)
         return 0
     est = summary["estimator"]
-    print(f"artifact    {args.path} (spec {summary['spec_version']}, {summary['dtype']})")
-    print(f"base model  {summary['base_model']['repo_id']} @ {summary['base_model']['revision'] or 'unpinned'}")
+    base = summary["base_model"]
+    print(f"artifact    {shown(args.path)} (spec {summary['spec_version']}, {summary['dtype']})")
+    print(f"base model  {shown(base['repo_id'])} @ {shown(base['revision']) if base['revision'] else 'unpinned'}")
     print(
         f"param.      {summary['parameterization']['kind']}   estimator {est['kind']}"
         f"{'×' + str(est['mc_samples']) if est.get('mc_samples') else ''}   "
@@ -100,15 +107,19 @@ def run(args: argparse.Namespace) -> int:
     print(f"datasets    ({summary['datasets_combined']})")
     for d in summary["datasets"]:
         counts = f"{d['sequences']:>8} seq {d['tokens']:>10} tok {d['batches']:>6} batches"
-        print(f"  {d['name']:<20} {counts}  w={d['weight']}")
-    width = max(len(n) for n in summary["modules"])
+        print(f"  {shown(d['name']):<20} {counts}  w={d['weight']}")
+    names = {name: shown(name) for name in summary["modules"]}
+    width = max(len(n) for n in names.values())
     print(f"modules     {len(summary['modules'])}")
     for name, info in summary["modules"].items():
         shape = "x".join(map(str, info["shape"]))
-        print(f"  {name:<{width}}  {shape:>11}  {','.join(info['structures']):<24} {human_bytes(info['bytes']):>10}")
+        print(
+            f"  {names[name]:<{width}}  {shape:>11}  {','.join(info['structures']):<24} "
+            f"{human_bytes(info['bytes']):>10}"
+        )
     for i, part in enumerate(summary["lineage"] or []):
-        at = part["base_model"]["repo_id"] + (
-            f"@{part['base_model']['revision']}" if part["base_model"]["revision"] else ""
+        at = shown(part["base_model"]["repo_id"]) + (
+            f"@{shown(part['base_model']['revision'])}" if part["base_model"]["revision"] else ""
         )
         print(
             f"{'lineage' if i == 0 else '':<11} {i}: γ={part['decay']:g} {', '.join(part['datasets'])} computed at {at}"
@@ -119,12 +130,12 @@ def run(args: argparse.Namespace) -> int:
         f"({human_bytes(summary['covered_weights_bf16_bytes'])})"
         + (
             f", {summary['ratio_to_base_model_bf16']:.3g}× the whole base model at bf16 "
-            f"({human_bytes(summary['base_model_bf16_bytes'])}, {args.model})"
+            f"({human_bytes(summary['base_model_bf16_bytes'])}, {shown(args.model)})"
             if summary["base_model_bf16_bytes"] is not None
             else ""
         )
     )
-    print("software    " + ", ".join(f"{k} {v}" for k, v in summary["software"].items()))
+    print("software    " + ", ".join(f"{shown(k)} {shown(v)}" for k, v in summary["software"].items()))
     return 0
 
 
@@ -150,12 +161,12 @@ def run_adapter(args: argparse.Namespace) -> int:
         print_json(summary)
         return 0
     record = summary["provenance"]
-    print(f"adapter     {args.path}")
+    print(f"adapter     {shown(args.path)}")
     if record is None:
         print(f"provenance  none recorded ({PROVENANCE_FILE} absent): not trained with a laplace-hub regularizer,")
         print("            or saved without its provenance")
         return 0
-    print(f"trained     laplace-hub {record['laplace_hub_version']}, adapter {record['adapter']!r}")
+    print(f"trained     laplace-hub {shown(record['laplace_hub_version'])}, adapter {record['adapter']!r}")
     print(f"penalty     λ = {record['strength']:g}, mode {record['mode']}, {record['modules']} module(s)")
     artifact = record["artifact"]
     if artifact is None:
@@ -163,13 +174,19 @@ def run_adapter(args: argparse.Namespace) -> int:
         print(f"prior       {prior}")
         return 0
     if artifact["repo_id"]:
-        where = artifact["repo_id"] + (f" @ {artifact['revision']}" if artifact["revision"] else " (revision unknown)")
-        where += f", subfolder {artifact['subfolder']}" if artifact["subfolder"] else ""
+        where = shown(artifact["repo_id"]) + (
+            f" @ {shown(artifact['revision'])}" if artifact["revision"] else " (revision unknown)"
+        )
+        where += f", subfolder {shown(artifact['subfolder'])}" if artifact["subfolder"] else ""
+    elif artifact["path"] is not None:
+        where = f"{shown(artifact['path'])} (a local folder, not pulled)"
     else:
-        where = f"{artifact['path'] or 'an artifact held in memory'} (a local folder, not pulled)"
+        where = "an artifact held in memory"
     print(f"prior       {where}")
     print(f"manifest    sha256 {artifact['manifest_sha256'] or 'unknown'}")
-    base = artifact["base_model"] + (f" @ {artifact['base_model_revision']}" if artifact["base_model_revision"] else "")
+    base = shown(artifact["base_model"]) + (
+        f" @ {shown(artifact['base_model_revision'])}" if artifact["base_model_revision"] else ""
+    )
     print(
         f"artifact    spec {artifact['spec_version']}, {', '.join(artifact['structures'])}, "
         f"{artifact['parameterization']}, normalisation {artifact['normalization']}, base model {base}"

@@ -6,6 +6,10 @@ record, :class:`Provenance`) and adds the same record to the model card's YAML m
 ``laplace_hub:``, with a short section in its text. ``laplace-hub inspect ADAPTER_DIR`` reads it
 back with :func:`read_provenance`, which treats the folder as hostile: bounded, strict, one-line
 errors.
+
+The strings an artifact carries (its base model's repo id and revision) are recorded as they are,
+whatever text the manifest accepts: the record is data. Where it is shown (the card's text,
+``inspect``) they go through :mod:`laplace_hub.text`.
 """
 
 from __future__ import annotations
@@ -19,12 +23,14 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
+from annotated_types import MaxLen
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from laplace_hub.artifact import Artifact
 from laplace_hub.artifact.files import MAX_MANIFEST_BYTES, open_regular, read_json_bounded, regular_size
 from laplace_hub.errors import LaplaceHubError, ProvenanceError
-from laplace_hub.manifest import MANIFEST_NAME, first_problem
+from laplace_hub.manifest import MANIFEST_NAME, BaseModelInfo, first_problem
+from laplace_hub.text import front_matter, markdown_code
 
 if TYPE_CHECKING:
     from laplace_hub.consumers.regularizer import LaplaceRegularizer
@@ -39,9 +45,22 @@ MAX_PROVENANCE_BYTES = 64 * 2**10
 MAX_CARD_BYTES = 2**20
 _BEGIN, _END = "<!-- laplace-hub provenance -->", "<!-- /laplace-hub provenance -->"
 
-# printed by `inspect`: one line each, no control characters (no terminal escapes, no line breaks)
+# laplace-hub's own words (versions, names from code): one line each, no control characters
 Text = Annotated[str, StringConstraints(max_length=512, pattern=r"^[^\x00-\x1f\x7f]*$")]
 Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+MAX_ORIGIN_LENGTH = 512
+
+
+def _max_length(field: str) -> int:
+    """The manifest's own limit on a field of ``base_model``: what it accepts, a record accepts."""
+    return next(m.max_length for m in BaseModelInfo.model_fields[field].metadata if isinstance(m, MaxLen))
+
+
+# Strings an artifact or its origin carries, kept exactly: any text, control characters included
+# (`inspect` and the card show them escaped). Bounded so that a record stays far below 64 KiB.
+Carried = Annotated[str, StringConstraints(max_length=MAX_ORIGIN_LENGTH)]
+BaseModelId = Annotated[str, StringConstraints(max_length=_max_length("repo_id"))]
+BaseModelRevision = Annotated[str, StringConstraints(max_length=_max_length("revision"))]
 
 
 class _Record(BaseModel):
@@ -52,10 +71,10 @@ class _Record(BaseModel):
 class ArtifactSource(_Record):
     """The artifact a regularizer was built from: where it came from and what it held."""
 
-    repo_id: Text | None = Field(None, description="the repo it was pulled from")
-    revision: Text | None = Field(None, description="the resolved commit (a local hub: the sha256 of laplace.json)")
-    subfolder: Text | None = None
-    path: Text | None = Field(
+    repo_id: Carried | None = Field(None, description="the repo it was pulled from")
+    revision: Carried | None = Field(None, description="the resolved commit (a local hub: the sha256 of laplace.json)")
+    subfolder: Carried | None = None
+    path: Carried | None = Field(
         None, description="the name of the folder it was opened from, when not pulled (no local path is published)"
     )
     manifest_sha256: Sha256 | None = Field(None, description="sha256 of laplace.json's bytes; none in memory")
@@ -63,8 +82,8 @@ class ArtifactSource(_Record):
     structures: list[Text] = Field(max_length=64)
     parameterization: Text
     normalization: Text
-    base_model: Text
-    base_model_revision: Text | None = None
+    base_model: BaseModelId = Field(description="the manifest's base_model.repo_id, as it is")
+    base_model_revision: BaseModelRevision | None = None
 
 
 class Provenance(_Record):
@@ -84,12 +103,12 @@ def artifact_source(artifact: Artifact) -> ArtifactSource:
     """Record an artifact's origin (a pull's repo and resolved revision, or its folder) and contents."""
     m = artifact.manifest
     origin = artifact.origin  # set by a pull: repo_id, revision, subfolder
-    repo_id = getattr(origin, "repo_id", None)
+    repo_id = _origin(getattr(origin, "repo_id", None))
     return ArtifactSource(
         repo_id=repo_id,
-        revision=getattr(origin, "revision", None),
-        subfolder=getattr(origin, "subfolder", None) or None,
-        path=None if repo_id is not None or artifact.path is None else Path(artifact.path).name,
+        revision=_origin(getattr(origin, "revision", None)),
+        subfolder=_origin(getattr(origin, "subfolder", None) or None),
+        path=None if repo_id is not None or artifact.path is None else _origin(Path(artifact.path).name),
         manifest_sha256=_manifest_sha256(artifact.path),
         spec_version=m.spec_version,
         structures=sorted({b.structure for module in m.modules.values() for b in module.blocks}),
@@ -98,6 +117,18 @@ def artifact_source(artifact: Artifact) -> ArtifactSource:
         base_model=m.base_model.repo_id,
         base_model_revision=m.base_model.revision,
     )
+
+
+def _origin(text: str | None) -> str | None:
+    r"""A name from the file system or the command line as a record holds it: Unicode, bounded.
+
+    Undecodable bytes of a folder name (surrogate escapes) become ``\xNN``; a name longer than
+    :data:`MAX_ORIGIN_LENGTH` is cut, ending in ``…``.
+    """
+    if text is None:
+        return None
+    text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return text if len(text) <= MAX_ORIGIN_LENGTH else text[: MAX_ORIGIN_LENGTH - 1] + "…"
 
 
 def _manifest_sha256(folder: Path | None) -> str | None:
@@ -208,37 +239,40 @@ def update_model_card(card: Path, record: Provenance) -> None:
             body = text[end + 5 :]
     metadata["laplace_hub"] = record.model_dump(mode="json")
     tags = metadata.get("tags")
-    tags = [tags] if isinstance(tags, str) else list(tags or [])
+    tags = list(tags) if isinstance(tags, list) else [] if tags is None else [tags]
     metadata["tags"] = tags if "laplace-hub" in tags else [*tags, "laplace-hub"]
     section = f"{_BEGIN}\n{card_section(record)}{_END}\n"
-    start, stop = body.find(_BEGIN), body.find(_END)
+    start, stop = body.find(_BEGIN), body.rfind(_END)  # the last end marker: a record may quote one
     if start != -1 and stop > start:
         body = body[:start] + section + body[stop + len(_END) :].lstrip("\n")
     else:
         body = body.rstrip("\n") + ("\n\n" if body.strip() else "\n") + section
-    front = yaml.safe_dump(metadata, sort_keys=False, allow_unicode=True)
-    _write_atomic(card, f"---\n{front}---\n{body}")
+    _write_atomic(card, f"---\n{front_matter(metadata)}---\n{body}")
 
 
 def card_section(record: Provenance) -> str:
-    """The model card's words for a record (Markdown)."""
+    """The model card's words for a record (Markdown; each string a code span, escaped when not printable)."""
     penalty = (
         f"λ = {record.strength:g}, mode `{record.mode}`, over {record.modules} LoRA module(s) of adapter "
-        f"`{record.adapter}`"
+        f"{markdown_code(record.adapter)}"
     )
     if record.artifact is None:
         prior = "an isotropic L2 prior (P = I)" if record.prior == "identity" else "a precision given in code"
         return f"## Laplace prior\n\nTrained with a LaLoRA penalty under {prior}: {penalty}.\n"
     a = record.artifact
-    where = f"`{a.repo_id}`" + (f" at revision `{a.revision}`" if a.revision else "") if a.repo_id else f"`{a.path}`"
+    if a.repo_id:
+        where = markdown_code(a.repo_id) + (f" at revision {markdown_code(a.revision)}" if a.revision else "")
+    else:
+        where = "held in memory" if a.path is None else markdown_code(a.path)
     if a.subfolder:
-        where += f" (subfolder `{a.subfolder}`)"
+        where += f" (subfolder {markdown_code(a.subfolder)})"
     sha = f", manifest sha256 `{a.manifest_sha256}`" if a.manifest_sha256 else ""
     return (
         "## Laplace prior\n\n"
         f"Trained with a LaLoRA penalty (laplace-hub {record.laplace_hub_version}): {penalty}, "
         f"under the curvature artifact {where}{sha} (spec {a.spec_version}, {', '.join(a.structures)}, "
-        f"{a.parameterization}-parameterised, {a.normalization} normalisation, base model `{a.base_model}`). "
+        f"{a.parameterization}-parameterised, {a.normalization} normalisation, "
+        f"base model {markdown_code(a.base_model)}). "
         f"The same record is in `{PROVENANCE_FILE}` and in this card's metadata under `laplace_hub`.\n"
     )
 

@@ -1,13 +1,22 @@
-"""The model card pushed with an artifact: Hub metadata that links it to its base model, and how to use it."""
+"""The model card pushed with an artifact: Hub metadata that links it to its base model, and how to use it.
+
+The manifest's strings may be any text (control characters, line breaks, Markdown): the front
+matter holds them exactly (:func:`~laplace_hub.text.front_matter`), the text shows them escaped.
+"""
 
 from __future__ import annotations
 
+import json
+import re
+import shlex
 from typing import Any
-
-import yaml
 
 from laplace_hub.artifact import Artifact
 from laplace_hub.manifest import LoraParameterization
+from laplace_hub.text import front_matter, markdown_code, markdown_text
+
+# a repo id the Hub would accept, and so one worth a link
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*(/[A-Za-z0-9][A-Za-z0-9_.\-]*)?")
 
 
 def card_metadata(artifact: Artifact) -> dict[str, Any]:
@@ -42,8 +51,9 @@ def _lineage_section(artifact: Artifact) -> str:
     if not lineage:
         return ""
     rows = "\n".join(
-        f"| {i} | {e.base_model.repo_id}{'@' + e.base_model.revision if e.base_model.revision else ''} "
-        f"| {', '.join(e.datasets)} | {e.decay:g} | {e.source or ''} |"
+        f"| {i} | {markdown_text(e.base_model.repo_id)}"
+        f"{'@' + markdown_text(e.base_model.revision) if e.base_model.revision else ''} "
+        f"| {', '.join(e.datasets)} | {e.decay:g} | {markdown_text(e.source)} |"
         for i, e in enumerate(lineage)
     )
     return f"""
@@ -64,15 +74,20 @@ def build_card(artifact: Artifact, repo_id: str, subfolder: str = "") -> str:
     info = meta["laplace_hub"]
     m = artifact.manifest
     datasets = "\n".join(
-        f"| {d.name} | {d.sequences} | {d.tokens} | {d.batches} | {d.source or ''} |" for d in m.datasets
+        f"| {d.name} | {d.sequences} | {d.tokens} | {d.batches} | {markdown_text(d.source)} |" for d in m.datasets
     )
-    pull_args = f'"{repo_id}"' + (f', subfolder="{subfolder}"' if subfolder else "")
-    cli_args = repo_id + (f" --subfolder {subfolder}" if subfolder else "")
+    base = m.base_model.repo_id
+    title = f"[{base}](https://huggingface.co/{base})" if _HUB_ID.fullmatch(base) else markdown_text(base)
+    # string literals of Python and of the shell, exactly the repo and subfolder pushed to
+    pull_args = json.dumps(repo_id) + (f", subfolder={json.dumps(subfolder)}" if subfolder else "")
+    pull_command = f"laplace-hub pull {shlex.quote(repo_id)}" + (
+        f" --subfolder {shlex.quote(subfolder)}" if subfolder else ""
+    )
     return f"""---
-{yaml.safe_dump(meta, sort_keys=False).strip()}
+{front_matter(meta).strip()}
 ---
 
-# Laplace curvature for [{m.base_model.repo_id}](https://huggingface.co/{m.base_model.repo_id})
+# Laplace curvature for {title}
 
 A laplace-hub curvature artifact (format spec {m.spec_version}): a
 {info["parameterization"]}-space Laplace approximation ({", ".join(info["structures"])}) of the base
@@ -93,5 +108,5 @@ regularizer = LaplaceRegularizer.from_pretrained({pull_args}, model=peft_model, 
 loss = task_loss + regularizer()
 ```
 
-or `laplace-hub pull {cli_args}`, then `laplace-hub inspect` / `laplace-hub validate` on the folder it prints.
+or {markdown_code(pull_command)}, then `laplace-hub inspect` / `laplace-hub validate` on the folder it prints.
 """

@@ -194,3 +194,25 @@ def test_a_provenance_that_is_no_regular_file_is_refused(kind: str, tmp_path: Pa
     assert main(["inspect", str(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
+
+
+def test_an_artifact_folder_with_any_name_is_recorded(base, artifact_dir: Path, tmp_path: Path, capsys) -> None:
+    """A folder name is no manifest string, but it reaches the record too: control characters and all."""
+    import shutil
+
+    from laplace_hub.consumers.provenance import MAX_ORIGIN_LENGTH, _origin
+
+    folder = tmp_path / ("prior\x1b[2J\n\u202e" + "x" * 200)
+    shutil.copytree(artifact_dir, folder)
+    model = peft(base)
+    save_adapter(
+        model, tmp_path / "adapter", LaplaceRegularizer.from_artifact(Artifact.open(folder), model, strength=1.0)
+    )
+    record = read_provenance(tmp_path / "adapter")
+    assert record is not None and record.artifact is not None and record.artifact.path == folder.name  # kept exactly
+    assert main(["inspect", str(tmp_path / "adapter")]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\u202e" not in out and "prior\\x1b[2J\\n\\u202e" in out  # shown escaped
+    # names from elsewhere (a pull's subfolder, a folder's undecodable bytes) are made Unicode and bounded
+    assert _origin(os.fsdecode(b"a\xff")) == "a\\xff"
+    assert _origin("y" * 1000) == "y" * (MAX_ORIGIN_LENGTH - 1) + "…"
