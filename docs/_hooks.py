@@ -221,7 +221,7 @@ def conformance_page() -> str:
         "what they mean). A conforming reader accepts every valid artifact; a conforming validator",
         "reports, for every invalid one, the finding code of its `NAME.expected.json`.",
     ]
-    for version in sorted((ROOT / CONFORMANCE).iterdir()):
+    for version in sorted(p for p in (ROOT / CONFORMANCE).iterdir() if p.is_dir()):  # penalties-*.json beside
         lines += [
             "",
             f"## {version.name}",
