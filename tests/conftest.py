@@ -113,3 +113,19 @@ def lively_llama() -> torch.nn.Module:
         initializer_range=0.3,
     )
     return LlamaForCausalLM(config).double().eval()
+
+
+def save_tiny_artifact(base: torch.nn.Module, folder: Path, targets: Sequence[str] = ("q_proj", "v_proj")) -> Path:
+    """K-FAC of ``base`` on three short random sequences, saved at ``folder`` (for provenance and card tests)."""
+    from laplace_hub.data import pad_batch
+    from laplace_hub.manifest import BaseModelInfo
+    from laplace_hub.models import select_targets
+    from laplace_hub.producers import ComputeOptions, compute_artifact
+
+    gen = torch.Generator().manual_seed(1)
+    batches = [pad_batch([torch.randint(2, 23, (6,), generator=gen).tolist() for _ in range(3)], 0)]
+    artifact = compute_artifact(
+        base, {"src": batches}, select_targets(base, list(targets)), ComputeOptions(), BaseModelInfo(repo_id="me/tiny")
+    )
+    artifact.save(folder)
+    return folder

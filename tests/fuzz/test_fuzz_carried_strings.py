@@ -34,7 +34,6 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 from laplace_hub.artifact import Artifact
 from laplace_hub.cli import main
 from laplace_hub.consumers import LaplaceRegularizer, read_provenance, write_provenance
-from laplace_hub.data import pad_batch
 from laplace_hub.hub.card import build_card, card_metadata
 from laplace_hub.manifest import (
     MANIFEST_NAME,
@@ -46,10 +45,8 @@ from laplace_hub.manifest import (
     Manifest,
     parse_version,
 )
-from laplace_hub.models import select_targets
-from laplace_hub.producers import ComputeOptions, compute_artifact
 from laplace_hub.validate import validate
-from tests.conftest import tiny_llama
+from tests.conftest import save_tiny_artifact, tiny_llama
 
 TARGETS = ["q_proj", "v_proj"]
 REPORTED = "\u202e\\\x00"  # issue 20: a base model repo id that crashed LaplaceRegularizer.from_artifact
@@ -187,13 +184,7 @@ def base() -> torch.nn.Module:
 @pytest.fixture(scope="module")
 def computed(base: torch.nn.Module, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], bytes]:
     """A tiny computed artifact: its manifest (to rewrite) and its tensor file (unchanged)."""
-    gen = torch.Generator().manual_seed(1)
-    batches = [pad_batch([torch.randint(2, 23, (6,), generator=gen).tolist() for _ in range(3)], 0)]
-    artifact = compute_artifact(
-        base, {"src": batches}, select_targets(base, TARGETS), ComputeOptions(), BaseModelInfo(repo_id="me/tiny")
-    )
-    folder = tmp_path_factory.mktemp("computed") / "prior"
-    artifact.save(folder)
+    folder = save_tiny_artifact(base, tmp_path_factory.mktemp("computed") / "prior", TARGETS)
     return json.loads((folder / MANIFEST_NAME).read_text()), (folder / SINGLE_FILE_NAME).read_bytes()
 
 

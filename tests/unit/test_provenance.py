@@ -22,13 +22,10 @@ from laplace_hub.consumers import (
     regularized_loss,
     save_adapter,
 )
-from laplace_hub.data import pad_batch
 from laplace_hub.errors import ProvenanceError
 from laplace_hub.hub import push
-from laplace_hub.manifest import MANIFEST_NAME, BaseModelInfo
-from laplace_hub.models import select_targets
-from laplace_hub.producers import ComputeOptions, compute_artifact
-from tests.conftest import tiny_llama
+from laplace_hub.manifest import MANIFEST_NAME
+from tests.conftest import save_tiny_artifact, tiny_llama
 
 TARGETS = ["q_proj", "v_proj"]
 
@@ -40,14 +37,7 @@ def base() -> torch.nn.Module:
 
 @pytest.fixture(scope="module")
 def artifact_dir(base, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    gen = torch.Generator().manual_seed(1)
-    batches = [pad_batch([torch.randint(2, 23, (6,), generator=gen).tolist() for _ in range(3)], 0)]
-    artifact = compute_artifact(
-        base, {"src": batches}, select_targets(base, TARGETS), ComputeOptions(), BaseModelInfo(repo_id="me/tiny")
-    )
-    folder = tmp_path_factory.mktemp("artifact") / "prior"
-    artifact.save(folder)
-    return folder
+    return save_tiny_artifact(base, tmp_path_factory.mktemp("artifact") / "prior", TARGETS)
 
 
 def peft(base, adapter: str = "default"):
