@@ -553,6 +553,8 @@ def _indefinite(ctx: Ctx) -> None:
 
     def fn(t: torch.Tensor) -> torch.Tensor:
         m = _to_dense(t, ref)
+        if not torch.isfinite(m).all():  # an earlier mutation put NaN/inf here: no spectrum to shift
+            return t
         w = torch.linalg.eigvalsh((m + m.T) / 2)
         shift = w[0].item() + eps * max(w[-1].item(), 0.0)
         return _from_dense(m - shift * torch.eye(m.shape[0], dtype=m.dtype), t)

@@ -129,7 +129,7 @@ def test_diag_lowrank_on_smollm2_and_merge(tmp_path: Path) -> None:
         result = run_cli("compute", *common, "--num-batches", batches, "--out", str(tmp_path / name))
         assert result.returncode == 0, result.stderr[-2000:]
     art = Artifact.open(tmp_path / "a", verify_checksums=True)
-    assert art.manifest.spec_version == "1.1"
+    assert art.manifest.spec_version == "1.3"  # diag_lowrank is 1.1, its v2 fingerprint 1.3
     assert art.block("model.layers.0.self_attn.v_proj").lowrank.shape == (4, 192, 576)
     merged = run_cli("merge", str(tmp_path / "a"), str(tmp_path / "b"), "--decay", "0.5", "--out", str(tmp_path / "c"))
     assert merged.returncode == 0, merged.stderr[-2000:]
