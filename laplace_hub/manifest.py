@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from pydantic import ValidationError as _PydanticValidationError
 
 from laplace_hub.errors import ManifestError, UnsupportedVersionError
@@ -91,6 +91,11 @@ Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 ModuleName = Annotated[str, StringConstraints(pattern=r"^[^\x00-\x1f\x7f]{1,512}$")]
 """A module's name: 1–512 characters, none a control character (the fingerprint and logs stay unambiguous)."""
 MAX_MODULES = 100_000
+INT64_MAX = 2**63 - 1
+Int64 = Annotated[int, Field(ge=-(2**63), le=INT64_MAX)]
+"""Every manifest integer fits a signed 64-bit integer, so no reader's integer type overflows (SPEC.md §4)."""
+PositiveInt = Annotated[int, Field(gt=0, le=INT64_MAX)]
+NonNegativeInt = Annotated[int, Field(ge=0, le=INT64_MAX)]
 Param = Literal["weight", "lora_A", "lora_B", "lora_AB"]
 Role = Literal["diagonal", "lowrank", "factor", "eigenvalues", "eigenvectors", "cross", "init"]
 TensorShapes = Iterator[tuple[str, tuple[int, ...], Role]]
@@ -264,7 +269,7 @@ class LoraParameterization(_Model):
     alpha: float = Field(gt=0, allow_inf_nan=False)
     use_rslora: bool = False
     init_method: str = Field(min_length=1, max_length=64)
-    init_seed: int | None = None
+    init_seed: Int64 | None = None
     init_dtype: DType = "float32"
 
 
@@ -276,7 +281,7 @@ class Estimator(_Model):
 
     kind: EstimatorKind
     mc_samples: PositiveInt | None = None
-    seed: int | None = None
+    seed: Int64 | None = None
 
 
 class DatasetInfo(_Model):

@@ -542,6 +542,13 @@ def _symlink_tensors(folder: Path) -> None:
     (folder / "laplace.safetensors").symlink_to(".data")
 
 
+def _as_lone_shard(folder: Path) -> None:
+    """The single tensor file renamed to a shard's name, with no index beside it."""
+    shard = "laplace-00001-of-00001.safetensors"
+    (folder / "laplace.safetensors").rename(folder / shard)
+    _edit_manifest(folder, lambda m: m.update(files={shard: m["files"].pop("laplace.safetensors")}))
+
+
 def _edit_index(folder: Path, edit: Callable[[dict[str, Any]], object]) -> None:
     path = folder / "laplace.safetensors.index.json"
     index = json.loads(path.read_text())
@@ -859,6 +866,24 @@ INVALID_1_3: dict[str, tuple[str, str, str, Callable[[Path], object]]] = {
         "manifest.factor_side",
         "a kron module of shape [40000, 4]: a dense output factor of side 40000 (at most 32768)",
         lambda f: _edit_manifest(f, lambda m: m["modules"][K_PROJ].update(shape=[40000, 4])),
+    ),
+    "integer-above-int64": (
+        "weight-kron-fingerprinted",
+        "manifest.schema",
+        "a dataset's tokens is 2^63, one above the largest signed 64-bit integer",
+        lambda f: _edit_manifest(f, lambda m: m["datasets"][0].update(tokens=2**63)),
+    ),
+    "lone-shard-without-index": (
+        "weight-kron-fingerprinted",
+        "index.missing",
+        "the one tensor file is named laplace-00001-of-00001.safetensors and there is no index",
+        _as_lone_shard,
+    ),
+    "card-is-a-folder": (
+        "weight-kron-fingerprinted",
+        "file.not_regular",
+        "README.md is a folder (a model card must be a regular file, never a link or a folder)",
+        lambda f: (f / "README.md").mkdir() or (f / "README.md" / "card.md").write_text("a card\n"),
     ),
     "unknown-structure-newer-minor-1.4": (
         "weight-kron-fingerprinted",

@@ -73,8 +73,8 @@ def hf_cache_blob(path: Path) -> Path | None:
     return None
 
 
-def regular_size(path: Path) -> int | None:
-    """The size of ``path`` if it is a regular file (not a link); ``None`` if there is nothing there.
+def regular_stat(path: Path) -> os.stat_result | None:
+    """``lstat`` of ``path`` if it is a regular file (not a link); ``None`` if there is nothing there.
 
     Raises:
         ArtifactError: (``file.not_regular``) a link, folder, FIFO or device; (``file.unreadable``)
@@ -95,7 +95,38 @@ def regular_size(path: Path) -> int | None:
         raise ArtifactError(
             f"is {what}; artifact files must be regular files", location=path.name, code="file.not_regular"
         )
-    return info.st_size
+    return info
+
+
+def regular_size(path: Path) -> int | None:
+    """The size of ``path`` if it is a regular file (not a link); ``None`` if there is nothing there."""
+    info = regular_stat(path)
+    return None if info is None else info.st_size
+
+
+FileIdentity = tuple[int, int, int, int]
+"""Device, inode, size and modification time: a file replaced or rewritten since gets another."""
+
+
+def identity(info: os.stat_result) -> FileIdentity:
+    """The identity of a file as :func:`regular_stat` saw it."""
+    return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+
+
+def check_unchanged(path: Path, seen: FileIdentity) -> None:
+    """Refuse a file that is no longer the one checked earlier (a concurrent writer replaced it).
+
+    Raises:
+        ArtifactError: (``file.changed``) it was replaced, rewritten or removed.
+
+    """
+    info = regular_stat(path)
+    if info is None or identity(info) != seen:
+        raise ArtifactError(
+            "changed on disk after it was checked (another process replaced or rewrote it); open the artifact again",
+            location=path.name,
+            code="file.changed",
+        )
 
 
 def open_regular(path: Path) -> BinaryIO:

@@ -16,7 +16,13 @@ from typing import Any
 from safetensors import safe_open
 from torch import Tensor
 
-from laplace_hub.artifact.files import DEFAULT_MAX_BYTES, MAX_MANIFEST_BYTES, read_json_bounded, regular_size
+from laplace_hub.artifact.files import (
+    DEFAULT_MAX_BYTES,
+    MAX_MANIFEST_BYTES,
+    check_unchanged,
+    read_json_bounded,
+    regular_size,
+)
 from laplace_hub.artifact.findings import Sink
 from laplace_hub.artifact.rules_files import Layout, check_files, check_tensors, read_layout
 from laplace_hub.artifact.rules_manifest import check_semantics, parse_into
@@ -98,8 +104,10 @@ class DiskTensors:
         name = self.reading.layout.files[key]
         try:
             if name not in self._handles:
-                self._handles[name] = safe_open(str(self.reading.folder / name), framework="pt")
+                self._handles[name] = self._open(name)
             tensor: Tensor = self._handles[name].get_tensor(key)
+        except ArtifactError:
+            raise
         except Exception as e:  # safetensors' own errors, OSError: the file changed or broke under us
             raise ArtifactError(f"cannot read tensor {key!r}: {e}", location=name, code="file.bad_safetensors") from e
         if key not in self._checked:
@@ -107,6 +115,17 @@ class DiskTensors:
             if not check_tensor(self.sink, key, tensor, self.reading.expected[key]):
                 self.failed.add(key)
         return tensor
+
+    def _open(self, name: str) -> Any:
+        """Map a file only if it is still the one checked, before and after the mapping."""
+        path = self.reading.folder / name
+        seen = self.reading.layout.seen.get(name)
+        if seen is not None:
+            check_unchanged(path, seen)
+        handle = safe_open(str(path), framework="pt")
+        if seen is not None:
+            check_unchanged(path, seen)
+        return handle
 
 
 def check_blocks(sink: Sink, reading: Reading, get: DiskTensors) -> None:

@@ -13,11 +13,15 @@ from pathlib import Path
 
 from laplace_hub.artifact.files import (
     MAX_INDEX_BYTES,
+    FileIdentity,
     TensorHeader,
     check_file_name,
+    check_unchanged,
+    identity,
     read_json_bounded,
     read_safetensors_header,
     regular_size,
+    regular_stat,
     sha256_file,
     unreadable,
 )
@@ -44,6 +48,7 @@ class Layout:
     headers: dict[str, TensorHeader] = field(default_factory=dict)
     usable: set[str] = field(default_factory=set)
     broken: set[str] = field(default_factory=set)
+    seen: dict[str, FileIdentity] = field(default_factory=dict)  # each file as checked: later reads refuse another
 
     def readable(self, key: str) -> bool:
         """Whether ``key`` has a file and neither it nor its file failed a rule."""
@@ -70,18 +75,21 @@ def check_files(sink: Sink, folder: Path, manifest: Manifest, checksums: bool, m
     for name, entry in manifest.files.items():
         try:
             check_file_name(name, location=f"files.{name}")
-            size = regular_size(folder / name)
-            if size is None:
+            info = regular_stat(folder / name)
+            if info is None:
                 layout.broken.add(name)
                 sink.add("file.missing", name, "listed in the manifest but not in the folder")
                 continue
             layout.usable.add(name)
-            if size != entry.size:
+            layout.seen[name] = identity(info)
+            if info.st_size != entry.size:
                 layout.broken.add(name)
-                sink.add("file.size", name, f"is {size} bytes, the manifest says {entry.size}")
+                sink.add("file.size", name, f"is {info.st_size} bytes, the manifest says {entry.size}")
             elif checksums and sha256_file(folder / name) != entry.sha256:
                 layout.broken.add(name)
                 sink.add("file.checksum", name, "sha256 differs from the manifest: the file is corrupt or was altered")
+            elif checksums:
+                check_unchanged(folder / name, layout.seen[name])  # the bytes hashed are the file checked
         except LaplaceHubError as e:
             layout.usable.discard(name)
             layout.broken.add(name)
@@ -99,6 +107,11 @@ def _check_stray(sink: Sink, folder: Path, manifest: Manifest) -> None:
         sink.error(unreadable(folder, e), folder.name)
         return
     for name in names:
+        if name == CARD_NAME:
+            try:  # a link here would let a push upload what it points to
+                regular_size(folder / name)
+            except LaplaceHubError as e:
+                sink.error(e, name)
         if name.startswith(".") or name in (MANIFEST_NAME, CARD_NAME) or name in manifest.files:
             continue
         sink.add("file.stray", name.encode("utf-8", "backslashreplace").decode(), "not part of the artifact; remove it")
@@ -119,7 +132,7 @@ def read_layout(sink: Sink, folder: Path, manifest: Manifest, layout: Layout) ->
     weight_map: dict[str, str] | None = None
     if INDEX_NAME not in names:
         if names - {SINGLE_FILE_NAME}:
-            sink.add("index.missing", "files", f"several tensor files but no {INDEX_NAME}")
+            sink.add("index.missing", "files", f"tensor files other than {SINGLE_FILE_NAME} need {INDEX_NAME}")
     elif INDEX_NAME in layout.usable and INDEX_NAME not in layout.broken:
         weight_map = _weight_map(sink, folder)
     if weight_map is None:

@@ -155,3 +155,25 @@ def test_merging_a_posterior_whose_parts_share_keys_across_datasets_doubles_it(t
     name = "model.layers.0.self_attn.k_proj"
     once = artifact.block(name, dtype=torch.float64).quad(delta)
     assert torch.allclose(doubled.block(name, dtype=torch.float64).quad(delta), 2 * once, rtol=1e-9)
+
+
+def test_a_tensor_file_replaced_after_the_checks_is_refused_not_read(tmp_path: Path) -> None:
+    """A writer swapping the folder's file between open() and block() must not hand over its values."""
+    folder = _copy(tmp_path)
+    artifact = Artifact.open(folder, verify_checksums=True)
+    module = next(iter(artifact.manifest.modules))
+    replacement = folder / "laplace.safetensors.new"
+    shutil.copyfile(folder / "laplace.safetensors", replacement)
+    replacement.replace(folder / "laplace.safetensors")  # same bytes, another file: still refused
+    with pytest.raises(ArtifactError, match="changed on disk") as info:
+        artifact.block(module)
+    assert info.value.code == "file.changed"
+    Artifact.open(folder).block(module)  # opened again, it reads
+
+
+def test_a_linked_model_card_is_refused(tmp_path: Path) -> None:
+    folder = _copy(tmp_path)
+    (folder / "README.md").symlink_to("/etc/hostname")
+    assert [f.code for f in validate(folder).errors] == ["file.not_regular"]
+    with pytest.raises(ArtifactError, match="symbolic link"):
+        Artifact.open(folder)
