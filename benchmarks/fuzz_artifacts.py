@@ -6,6 +6,7 @@
     python benchmarks/fuzz_artifacts.py --repro 17 --keep /tmp/case17      # ... and keep its folder
     python benchmarks/fuzz_artifacts.py --cases 2000 --versions 1.0,1.1    # only those vectors (pass the
                                                                            # same --versions to --repro)
+    python benchmarks/fuzz_artifacts.py --cases 100000 --large 0.03        # 3 % of cases at sides 512-1024
 
 Case ``i`` of a run has the seed ``seed * 1_000_000 + i``; that seed alone rebuilds the case
 (``tests/fuzz/mutate.py``), so every crash site and unsafe reason comes with a reproducer seed.
@@ -98,9 +99,13 @@ def rmtree(path: Path) -> None:
 
 
 def run_one(
-    seed: int, work: Path, timeout: float, memory_bytes: int, keep: bool = False, versions: list[str] | None = None
+    seed: int, work: Path, timeout: float, memory_bytes: int, keep: bool = False, draw: dict[str, Any] | None = None
 ) -> dict[str, Any]:
-    """Build and check one case in this process; returns ``{"case": ..., "result": ...}``."""
+    """Build and check one case in this process; returns ``{"case": ..., "result": ...}``.
+
+    ``draw`` holds ``make_case``'s options of the run (``versions``, ``large``): a seed rebuilds its
+    case only with the same ones.
+    """
     from tests.fuzz import mutate, oracle
 
     can_reset = reset_peak_rss()
@@ -109,7 +114,7 @@ def run_one(
     case = None
     try:
         try:
-            case = mutate.make_case(work, seed=seed, versions=versions)
+            case = mutate.make_case(work, seed=seed, **(draw or {}))
         except mutate.HarnessError as e:
             result = oracle.Result(f"harness_error:mutate@{type(e.__cause__ or e).__name__}", "mutate", [str(e)])
         except MemoryError as e:
@@ -117,7 +122,7 @@ def run_one(
         except Exception as e:  # e.g. the conformance folder changed while it was copied
             result = oracle.Result(f"harness_error:mutate@{type(e).__name__}", "mutate", [f"{type(e).__name__}: {e}"])
         else:
-            result = oracle.run_case(case.folder, case.work, timeout)
+            result = oracle.run_case(case.folder, case.work, timeout, expect_valid=case.expect_valid)
         # with a reset high-water mark: the case's peak over the RSS it started at; without one,
         # only what the case added above the worker's earlier peak (an underestimate)
         peak = max(0, _status_kib("VmHWM") * 1024 - (base_rss if can_reset else base_hwm))
@@ -134,9 +139,7 @@ def run_one(
 # --- workers ---------------------------------------------------------------------------------------
 
 
-def worker_main(
-    conn: Connection, wid: int, root: str, timeout: float, memory_bytes: int, versions: list[str] | None
-) -> None:
+def worker_main(conn: Connection, wid: int, root: str, timeout: float, memory_bytes: int, draw: dict[str, Any]) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles ^C
     import torch
 
@@ -155,19 +158,17 @@ def worker_main(
         if seed is None:
             break
         faulthandler.dump_traceback_later(timeout + WATCHDOG_GRACE_S / 2, exit=False, file=faults)
-        record = run_one(seed, Path(root) / f"case-{seed}", timeout, memory_bytes, versions=versions)
+        record = run_one(seed, Path(root) / f"case-{seed}", timeout, memory_bytes, draw=draw)
         faulthandler.cancel_dump_traceback_later()
         conn.send(("result", record))
 
 
 class Worker:
-    def __init__(
-        self, ctx: Any, wid: int, root: Path, timeout: float, memory_bytes: int, versions: list[str] | None
-    ) -> None:
+    def __init__(self, ctx: Any, wid: int, root: Path, timeout: float, memory_bytes: int, draw: dict[str, Any]) -> None:
         self.wid, self.root = wid, root
         parent, child = ctx.Pipe()
         self.conn: Connection = parent
-        target_args = (child, wid, str(root), timeout, memory_bytes, versions)
+        target_args = (child, wid, str(root), timeout, memory_bytes, draw)
         self.proc = ctx.Process(target=worker_main, args=target_args, daemon=True)
         self.proc.start()
         child.close()
@@ -354,7 +355,7 @@ class Runner:
         self.workers = [self._spawn(i) for i in range(args.workers)]
 
     def _spawn(self, wid: int) -> Worker:
-        return Worker(self.ctx, wid, self.root, self.args.timeout, self.memory_bytes, self.args.versions)
+        return Worker(self.ctx, wid, self.root, self.args.timeout, self.memory_bytes, _draw(self.args))
 
     def _record(self, record: dict[str, Any]) -> None:
         self.stats.add(record)
@@ -458,6 +459,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "timeout_s": args.timeout,
             "memory_mib": args.memory_mib,
             "versions": args.versions or "all",
+            "large": args.large,
             "seed_of_case_i": f"{args.seed} * {SEED_STRIDE} + i",
             # seeds reproduce only against the same vectors and mutations:
             "vectors": len(vectors),
@@ -515,7 +517,10 @@ def print_summary(summary: dict[str, Any]) -> None:
     print("\noutcomes:")
     for outcome, count in summary["outcomes"].items():
         print(f"  {count:7d}  {outcome}")
-    kinds = ["rejected", "accepted_safe", "accepted_unsafe", "crash", "hang", "memory", "harness_error"]
+    kinds = [
+        *("rejected", "accepted_safe", "accepted_unsafe", "rejected_valid"),
+        *("crash", "hang", "memory", "harness_error"),
+    ]
     for title, table in (("family", summary["per_family"]), ("mutation", summary["per_mutation"])):
         print(f"\nper {title} (cases containing it, by primary outcome kind):")
         print(f"  {'':34s}" + "".join(f"{k[:10]:>11s}" for k in kinds))
@@ -542,7 +547,7 @@ def repro(args: argparse.Namespace) -> int:
     rmtree(work)
     limit_address_space()
     memory_bytes = int(args.memory_mib * 2**20)
-    record = run_one(args.repro, work, args.timeout, memory_bytes, keep=bool(args.keep), versions=args.versions)
+    record = run_one(args.repro, work, args.timeout, memory_bytes, keep=bool(args.keep), draw=_draw(args))
     case, result = record["case"], record["result"]
     print(f"seed {args.repro}: {case.get('vector')} {case.get('mutations')} refreshed={case.get('refreshed')}")
     if args.keep:
@@ -551,6 +556,10 @@ def repro(args: argparse.Namespace) -> int:
     print(shown.summary(max_details=100))
     print(f"findings: {result['findings']}  ({result['seconds']} s, peak RSS +{result['peak_rss_mib']} MiB)")
     return 1 if shown.bad else 0
+
+
+def _draw(args: argparse.Namespace) -> dict[str, Any]:
+    return {"versions": args.versions, "large": args.large}
 
 
 def main() -> int:
@@ -565,6 +574,13 @@ def main() -> int:
         "--versions",
         type=lambda text: [v for v in text.split(",") if v],
         help="only vectors of these spec versions, e.g. 1.0,1.1 (default: every folder of spec/conformance)",
+    )
+    parser.add_argument(
+        "--large",
+        type=float,
+        default=0.0,
+        help="the share of cases built at realistic sizes (tests/fuzz/large.py: sides 512-1024; pass the same "
+        "value to --repro)",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress output")
     parser.add_argument("--repro", type=int, metavar="SEED", help="run the case of this seed in-process and print it")

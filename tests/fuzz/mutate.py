@@ -38,6 +38,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from tests.fuzz.large import write_large
+
 ROOT = Path(__file__).resolve().parents[2]
 CONFORMANCE = ROOT / "spec" / "conformance"
 MANIFEST = "laplace.json"
@@ -2150,6 +2152,7 @@ class Case:
     refreshed: bool
     seed: int | None = None
     skipped: list[str] = field(default_factory=list)
+    expect_valid: bool = False  # SPEC.md says the case is valid (a large case of a valid family)
 
     @property
     def names(self) -> list[str]:
@@ -2185,6 +2188,7 @@ def make_case(
     refresh: bool | None = None,
     include_expensive: bool = True,
     versions: Sequence[str] | None = None,
+    large: float = 0.0,
 ) -> Case:
     """Copy a vector into ``work/artifact`` and mutate it.
 
@@ -2197,9 +2201,14 @@ def make_case(
         refresh: Force whether checksums are refreshed after the file mutations.
         include_expensive: Allow mutations flagged expensive (sparse GiB files).
         versions: Draw vectors only from these spec versions (folders of spec/conformance).
+        large: The probability of a case built at realistic sizes instead (``large.py``); with 0,
+            no choice is spent on it, so that seeds of earlier runs rebuild the same cases.
 
     """
     ch = chooser or RandomChooser(seed if seed is not None else 0)
+    if large and mutations is None and vector is None and ch.coin(large):
+        label, expect_valid = write_large(work / "artifact", ch)
+        return Case(work / "artifact", work, "large", [label], True, seed, expect_valid=expect_valid)
     kind = "valid" if ch.coin(VALID_PROBABILITY) else "invalid"
     forced = mutations is not None
     if forced:

@@ -4,6 +4,8 @@ Outcomes (exactly one per case; the part before ``:`` is the *kind*):
 
 * ``rejected:<code>`` — ``validate`` reported errors (``<code>`` is the first one's finding code),
   or raised a ``LaplaceHubError`` (its code), and the reader and the CLI agreed.
+* ``rejected_valid:<code>`` — as ``rejected``, for a case that SPEC.md §8.2 calls valid (a large
+  case of a valid family, ``large.py``): the validator refuses what the spec accepts.
 * ``accepted_safe`` — ``validate`` accepted it, and everything below held.
 * ``accepted_unsafe:<why>`` — something a consumer relies on broke although no exception escaped
   (or the reader and the validator disagree); ``<why>`` is one of :data:`UNSAFE_REASONS`.
@@ -19,7 +21,10 @@ module's block (float32, the default), evaluates the penalty ``block.quad(Δ)`` 
 as ``quad(δA, δB)`` — on 8 random N(0, 1) updates and on every eigenvector of the block's dense
 float64 matrix, requires it finite and ``>= -1e-5·λ_max(P)·‖Δ‖²``, requires ``λ_min(P) >=
 -1e-5·λ_max(P)``, checks that ``merge(a, a)`` (when merge accepts it) saved and re-opened gives
-exactly twice the penalty, and runs ``laplace-hub validate --json``, ``validate`` and ``inspect``
+exactly twice the penalty, requires every penalty to equal the float64 quadratic form of the
+stored numbers (``fidelity.py``: SPEC.md §8.3's decode, read from the raw files) within
+``1e-5·λ_max(P)·‖Δ‖²``, also along the flattest directions of each stored factor, and runs
+``laplace-hub validate --json``, ``validate`` and ``inspect``
 in-process. Only the public API is used: ``validate``, ``Artifact``, ``merge``, ``LaplaceHubError``
 and ``laplace_hub.cli.main``.
 """
@@ -48,6 +53,7 @@ import laplace_hub
 from laplace_hub.artifact import Artifact, merge
 from laplace_hub.errors import LaplaceHubError
 from laplace_hub.validate import validate
+from tests.fuzz import fidelity
 
 PACKAGE = Path(laplace_hub.__file__).resolve().parent
 TIMEOUT_S = 10.0
@@ -60,7 +66,7 @@ MAX_EIG_DELTAS = 64
 MAX_DELTA_NUMEL = 2**22
 DELTA_SEED = 20240601
 
-BAD_KINDS = frozenset({"crash", "accepted_unsafe", "hang", "memory", "harness_error"})
+BAD_KINDS = frozenset({"crash", "accepted_unsafe", "rejected_valid", "hang", "memory", "harness_error"})
 UNSAFE_REASONS = (
     "reader_disagrees",  # validate accepted, Artifact.open / block / quad / dense raised a LaplaceHubError
     "non_finite_penalty",  # quad(Δ) is NaN or inf for a finite Δ
@@ -68,6 +74,7 @@ UNSAFE_REASONS = (
     "non_finite_block",  # the decoded block holds NaN or inf (e.g. float64 1e300 read as float32)
     "indefinite",  # λ_min(P) < -1e-5·λ_max(P)
     "quad_dense_mismatch",  # quad(Δ) disagrees with vec(Δ)ᵀ P vec(Δ) from dense()
+    "unfaithful",  # quad(Δ) differs from the float64 form of the stored numbers (SPEC.md §8.3; fidelity.py)
     "quad_not_scalar",
     "dense_shape",  # dense() is not (n, n) for the module's parameter count
     "merge_unreadable",  # merge(a, a) accepted, saving it raised a LaplaceHubError
@@ -357,6 +364,8 @@ def _check_reader(folder: Path, work: Path, state: _State) -> None:
 
 def _check_penalties(art: Artifact, state: _State, evaluated: dict[str, _Evaluated]) -> None:
     manifest = art.manifest
+    assert art.path is not None
+    stored = fidelity.raw_tensors(art.path)
     lora = getattr(manifest.parameterization, "kind", None) == "lora"
     rank = int(manifest.parameterization.rank) if lora else 0
     gen = torch.Generator().manual_seed(DELTA_SEED)
@@ -374,6 +383,9 @@ def _check_penalties(art: Artifact, state: _State, evaluated: dict[str, _Evaluat
             continue
         deltas = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(N_RANDOM)]
         labels = [f"random Δ#{i}" for i in range(N_RANDOM)]
+        reference = fidelity.module_reference(art.path, name, stored)
+        deltas += [[d.to(torch.float32) for d in flat] for flat in reference.flattest]
+        labels += [f"flattest stored direction #{i}" for i in range(len(reference.flattest))]
         lam_max: float | None = None
         radius: float | None = None
         sym: torch.Tensor | None = None
@@ -418,17 +430,25 @@ def _check_penalties(art: Artifact, state: _State, evaluated: dict[str, _Evaluat
             if not math.isfinite(value):
                 state.flag("non_finite_penalty", f"{name}: penalty {value} at {label}")
                 continue
-            if lam_max is not None and value < -REL_TOL * lam_max * norm2:
+            scale = lam_max if lam_max is not None else reference.lam_max
+            if value < -REL_TOL * scale * norm2:
                 state.flag(
                     "negative_penalty",
-                    f"{name}: penalty {value:.4g} < -1e-5·λ_max·‖Δ‖² = {-REL_TOL * lam_max * norm2:.3g} at {label}",
+                    f"{name}: penalty {value:.4g} < -1e-5·λ_max·‖Δ‖² = {-REL_TOL * scale * norm2:.3g} at {label}",
                 )
             if sym is not None and radius is not None:
                 vec = torch.cat([d.double().reshape(-1) for d in delta])
-                reference = float(vec @ sym @ vec)
+                from_dense = float(vec @ sym @ vec)
                 # the floor: float32 subnormals (a penalty of 1e-46 read as 0 is no harm)
-                if abs(value - reference) > (1e-3 * radius + 1e-35) * norm2:
-                    state.flag("quad_dense_mismatch", f"{name}: quad {value:.6g} vs dense {reference:.6g} at {label}")
+                if abs(value - from_dense) > (1e-3 * radius + 1e-35) * norm2:
+                    state.flag("quad_dense_mismatch", f"{name}: quad {value:.6g} vs dense {from_dense:.6g} at {label}")
+            exact = reference.penalty(delta)
+            if not abs(value - exact) <= (REL_TOL * reference.lam_max + 1e-35) * norm2:
+                state.flag(
+                    "unfaithful",
+                    f"{name}: quad {value:.8g}, the stored numbers give {exact:.8g} "
+                    f"(error {abs(value - exact) / (reference.lam_max * norm2 or 1):.3g}·λ_max·‖Δ‖²) at {label}",
+                )
         evaluated[name] = _Evaluated(deltas[:N_RANDOM], penalties[:N_RANDOM], lam_max, radius)
 
 
@@ -562,8 +582,8 @@ def _check_cli(folder: Path, *, valid: bool | None, state: _State) -> None:
         state.flag("cli_inspect_refuses", f"`laplace-hub inspect` exits {code_inspect} on an accepted artifact")
 
 
-def run_case(folder: Path, work: Path, timeout: float | None = TIMEOUT_S) -> Result:
-    """:func:`run_oracle` under a time limit (``hang`` past it)."""
+def run_case(folder: Path, work: Path, timeout: float | None = TIMEOUT_S, expect_valid: bool = False) -> Result:
+    """:func:`run_oracle` under a time limit (``hang`` past it); ``rejected_valid`` refuses what SPEC.md accepts."""
     start = time.perf_counter()
     try:
         with time_limit(timeout):
@@ -573,4 +593,6 @@ def run_case(folder: Path, work: Path, timeout: float | None = TIMEOUT_S) -> Res
             "hang", None, [f"over {timeout:g} s, at {crash_site(e)}"], "".join(traceback.format_exception(e))
         )
     result.seconds = time.perf_counter() - start
+    if expect_valid and result.kind == "rejected":
+        result.outcome = result.outcome.replace("rejected:", "rejected_valid:", 1)
     return result
