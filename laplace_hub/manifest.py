@@ -91,6 +91,7 @@ Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 ModuleName = Annotated[str, StringConstraints(pattern=r"^[^\x00-\x1f\x7f]{1,512}$")]
 """A module's name: 1–512 characters, none a control character (the fingerprint and logs stay unambiguous)."""
 MAX_MODULES = 100_000
+VERSION_PART = "(?:0|[1-9][0-9]{0,3})"  # MAJOR and MINOR: decimal, at most 4 digits, no leading zero (SPEC.md §10)
 INT64_MAX = 2**63 - 1
 Int64 = Annotated[int, Field(ge=-(2**63), le=INT64_MAX)]
 """Every manifest integer fits a signed 64-bit integer, so no reader's integer type overflows (SPEC.md §4)."""
@@ -337,7 +338,7 @@ class Manifest(_Model):
     """The whole ``laplace.json``."""
 
     format: Literal["laplace-hub"]
-    spec_version: Annotated[str, StringConstraints(pattern=r"^[0-9]{1,4}\.[0-9]{1,4}$")]
+    spec_version: Annotated[str, StringConstraints(pattern=rf"^{VERSION_PART}\.{VERSION_PART}$")]
     base_model: BaseModelInfo
     parameterization: Parameterization
     estimator: Estimator
@@ -412,7 +413,7 @@ class TensorSpec:
 
 def parse_version(version: str) -> tuple[int, int]:
     """Split ``MAJOR.MINOR`` into integers; raises :class:`ManifestError` when malformed."""
-    match = re.fullmatch(r"(0|[1-9][0-9]{0,3})\.(0|[1-9][0-9]{0,3})", version)
+    match = re.fullmatch(rf"({VERSION_PART})\.({VERSION_PART})", version)
     if match is None:
         raise ManifestError(f"spec_version {version!r} is not MAJOR.MINOR", location="spec_version")
     return int(match[1]), int(match[2])
@@ -561,7 +562,19 @@ def manifest_json_schema() -> dict[str, Any]:
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["$id"] = f"https://laplace-hub.dev/spec/{SPEC_VERSION}/manifest.schema.json"
     schema["title"] = f"laplace-hub manifest, spec {SPEC_VERSION}"
-    for definition in [schema, *schema.get("$defs", {}).values()]:
-        if definition.get("type") == "object" and "properties" in definition:
-            definition["additionalProperties"] = False
+    for definition in _objects(schema):
+        if "properties" in definition or "patternProperties" in definition:
+            definition["additionalProperties"] = False  # unknown fields; keys outside a name pattern
     return schema
+
+
+def _objects(node: Any) -> Iterator[dict[str, Any]]:
+    """Every object schema in ``node``, nested ones (a dict's keys and values) included."""
+    if isinstance(node, dict):
+        if node.get("type") == "object":
+            yield node
+        for value in node.values():
+            yield from _objects(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _objects(value)

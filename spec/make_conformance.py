@@ -542,6 +542,17 @@ def _symlink_tensors(folder: Path) -> None:
     (folder / "laplace.safetensors").symlink_to(".data")
 
 
+def _set_file_format(folder: Path, value: str) -> None:
+    save_file(load_file(folder / "laplace.safetensors"), folder / "laplace.safetensors", metadata={"format": value})
+    _refresh_checksum(folder, "laplace.safetensors")
+
+
+def _add_unindexed_file(folder: Path) -> None:
+    version = json.loads((folder / "laplace.json").read_text())["spec_version"]
+    save_file({}, folder / "laplace.safetensors", metadata=tensor_file_metadata(version))
+    _refresh_checksum(folder, "laplace.safetensors")
+
+
 def _as_lone_shard(folder: Path) -> None:
     """The single tensor file renamed to a shard's name, with no index beside it."""
     shard = "laplace-00001-of-00001.safetensors"
@@ -885,6 +896,18 @@ INVALID_1_3: dict[str, tuple[str, str, str, Callable[[Path], object]]] = {
         "README.md is a folder (a model card must be a regular file, never a link or a folder)",
         lambda f: (f / "README.md").mkdir() or (f / "README.md" / "card.md").write_text("a card\n"),
     ),
+    "metadata-version-leading-zero": (
+        "weight-kron-fingerprinted",
+        "file.metadata",
+        'the tensor file\'s metadata says "laplace-hub/1.03" (the version syntax of §10 has no leading zero)',
+        lambda f: _set_file_format(f, "laplace-hub/1.03"),
+    ),
+    "tensor-file-the-index-does-not-name": (
+        "weight-kron-sharded",
+        "index.inconsistent",
+        "an empty laplace.safetensors listed beside the shards, which the index does not name",
+        _add_unindexed_file,
+    ),
     "unknown-structure-newer-minor-1.4": (
         "weight-kron-fingerprinted",
         "manifest.unsupported_structure",
@@ -895,7 +918,7 @@ INVALID_1_3: dict[str, tuple[str, str, str, Callable[[Path], object]]] = {
 
 
 # Findings a validator also reports after these vectors' own (§8.4, §12): shapes follow from a refused module.
-FOLLOW_ONS = {"factor-side-too-large": ["manifest.fingerprint", "tensor.shape"]}
+FOLLOW_ONS = {"factor-side-too-large": ["tensor.shape"]}
 
 
 def write_invalid(valid: dict[str, Path], out: Path) -> None:
@@ -952,10 +975,25 @@ def _dense(block: dict[str, Any], m: int, n: int, r: int, raw: dict[str, torch.T
     if kind in ("kron", "kron_eig"):
         return torch.kron(_factor(block["output"], m, raw), _factor(block["input"], n, raw))
     d_out, d_in = m, n  # kron_tridiag over (vec δA, vec δB)
-    a = torch.kron(_factor(block["a_output"], r, raw), _factor(block["a_input"], d_in, raw))
-    b = torch.kron(_factor(block["b_output"], d_out, raw), _factor(block["b_input"], r, raw))
-    c = torch.kron(raw[block["cross_output"]], raw[block["cross_input"]])
-    return torch.cat([torch.cat([a, c], 1), torch.cat([c.T, b], 1)], 0)
+    sides = {"a_output": r, "a_input": d_in, "b_output": d_out, "b_input": r}
+    f = {role: _factor(block[role], side, raw) for role, side in sides.items()}
+    a, b = torch.kron(f["a_output"], f["a_input"]), torch.kron(f["b_output"], f["b_input"])
+    right, left = raw[block["cross_output"]], raw[block["cross_input"]]
+    c = _cross_norm(f, right, left)
+    cross = torch.kron(right / c if c > 1 else right, left)  # §8.3: R / c when rounding put c above 1
+    return torch.cat([torch.cat([a, cross], 1), torch.cat([cross.T, b], 1)], 0)
+
+
+def _cross_norm(f: dict[str, torch.Tensor], right: torch.Tensor, left: torch.Tensor) -> float:
+    """§8.2's ``c = ‖Aₒ^{-½} R Bₒ^{-½}‖₂ · ‖Aᵢ^{-½} L Bᵢ^{-½}‖₂``, with ``X^{-½} = L_X⁻¹`` (Cholesky)."""
+
+    def side(first: torch.Tensor, second: torch.Tensor, cross: torch.Tensor) -> float:
+        if not bool(cross.any()):
+            return 0.0
+        inv_first, inv_second = (torch.linalg.inv(torch.linalg.cholesky(x)) for x in (first, second))
+        return float(torch.linalg.matrix_norm(inv_first @ cross @ inv_second.T, ord=2))
+
+    return side(f["a_output"], f["b_output"], right) * side(f["a_input"], f["b_input"], left)
 
 
 def _module_precision(manifest: dict[str, Any], module: dict[str, Any], raw: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -17,7 +15,8 @@ from laplace_hub.artifact.codec import as_dtype
 from laplace_hub.artifact.files import DEFAULT_MAX_BYTES
 from laplace_hub.artifact.findings import FirstError, Sink
 from laplace_hub.artifact.reader import DiskTensors, read
-from laplace_hub.artifact.store import DEFAULT_MAX_SHARD_BYTES, replace_folder, tensor_dtype, write_artifact
+from laplace_hub.artifact.staging import replace_folder, staging_folder
+from laplace_hub.artifact.store import DEFAULT_MAX_SHARD_BYTES, tensor_dtype, write_artifact
 from laplace_hub.artifact.structures import Context, codec_for
 from laplace_hub.curvature import Block, LoraPairBlock, WeightBlock
 from laplace_hub.errors import ArtifactError, StructureError
@@ -99,7 +98,8 @@ class Artifact:
 
         Args:
             path: The artifact folder.
-            verify_checksums: Hash every file and compare with the manifest.
+            verify_checksums: Hash every file and compare with the manifest; the files stay mapped,
+                so the artifact reads the bytes hashed even if the folder is replaced afterwards.
             check_values: Read every tensor now and check its values.
             max_bytes: Refuse an artifact whose manifest declares more bytes than this (before
                 hashing or mapping anything).
@@ -115,7 +115,10 @@ class Artifact:
         sink = FirstError()
         reading = read(folder, sink, checksums=verify_checksums, values=check_values, max_bytes=max_bytes)
         assert reading is not None  # FirstError raised otherwise
-        return cls(reading.manifest, DiskTensors(reading, sink), folder, sink)
+        tensors = reading.tensors or DiskTensors(reading, sink)
+        if verify_checksums:
+            tensors.pin()  # the bytes hashed stay the bytes read, whatever replaces the folder later
+        return cls(reading.manifest, tensors, folder, sink)
 
     def tensor(self, key: str) -> Tensor:
         """One stored tensor, as stored."""
@@ -233,12 +236,9 @@ class Artifact:
         if os.path.lexists(target) and not overwrite:
             raise ArtifactError("already exists; pass `overwrite` to replace it", location=str(target))
         # Verified in a hidden sibling, then renamed into place: a folder that fails never appears.
-        staged = target.parent / f".{target.name}.verify-{uuid.uuid4().hex[:8]}"
-        try:
+        with staging_folder(target, "verify") as staging:
+            staged = staging / "artifact"
             write_artifact(self.manifest, self._tensors, staged, max_shard_bytes=max_shard_bytes)
             Artifact.open(staged, verify_checksums=True, check_values=True)
             replace_folder(staged, target)
-        except BaseException:
-            shutil.rmtree(staged, ignore_errors=True)
-            raise
         return Artifact.open(target)

@@ -45,6 +45,7 @@ class Reading:
     manifest: Manifest
     expected: dict[str, TensorSpec]
     layout: Layout = field(default_factory=Layout)
+    tensors: DiskTensors | None = None  # what checked the values, with its files still mapped
 
 
 def read(
@@ -82,7 +83,7 @@ def read(
     read_layout(sink, folder, manifest, reading.layout)
     check_tensors(sink, reading.layout, expected)
     if values:
-        tensors = DiskTensors(reading, sink)
+        tensors = reading.tensors = DiskTensors(reading, sink)
         for key in expected:
             if reading.layout.readable(key):
                 tensors(key)
@@ -103,9 +104,7 @@ class DiskTensors:
     def __call__(self, key: str) -> Tensor:
         name = self.reading.layout.files[key]
         try:
-            if name not in self._handles:
-                self._handles[name] = self._open(name)
-            tensor: Tensor = self._handles[name].get_tensor(key)
+            tensor: Tensor = self._handle(name).get_tensor(key)
         except ArtifactError:
             raise
         except Exception as e:  # safetensors' own errors, OSError: the file changed or broke under us
@@ -115,6 +114,21 @@ class DiskTensors:
             if not check_tensor(self.sink, key, tensor, self.reading.expected[key]):
                 self.failed.add(key)
         return tensor
+
+    def pin(self) -> None:
+        """Map every tensor file now: later reads see these bytes whatever happens to the folder."""
+        for name in sorted(set(self.reading.layout.files.values())):
+            try:
+                self._handle(name)
+            except ArtifactError:
+                raise
+            except Exception as e:
+                raise ArtifactError(f"cannot be mapped: {e}", location=name, code="file.bad_safetensors") from e
+
+    def _handle(self, name: str) -> Any:
+        if name not in self._handles:
+            self._handles[name] = self._open(name)
+        return self._handles[name]
 
     def _open(self, name: str) -> Any:
         """Map a file only if it is still the one checked, before and after the mapping."""

@@ -33,11 +33,12 @@ from laplace_hub.manifest import (
     INDEX_NAME,
     MANIFEST_NAME,
     SINGLE_FILE_NAME,
+    VERSION_PART,
     Manifest,
     TensorSpec,
 )
 
-_FORMAT = re.compile(rf"{FORMAT_NAME}/([0-9]{{1,4}})\.[0-9]{{1,4}}")
+_FORMAT = re.compile(rf"{FORMAT_NAME}/({VERSION_PART})\.{VERSION_PART}")
 
 
 @dataclass
@@ -161,6 +162,8 @@ def read_layout(sink: Sink, folder: Path, manifest: Manifest, layout: Layout) ->
     for name, keys in held.items():
         for key in sorted(set(keys) - set(weight_map)):
             sink.add("index.inconsistent", f"{name}:{key}", f"{name} holds it but the index does not list it")
+    for name in sorted(names - {INDEX_NAME} - set(weight_map.values())):
+        sink.add("index.inconsistent", name, "a tensor file the index does not name: every tensor file is a shard")
 
 
 def _weight_map(sink: Sink, folder: Path) -> dict[str, str] | None:

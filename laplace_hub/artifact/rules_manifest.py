@@ -80,10 +80,11 @@ def _check_features(report: Sink, m: Manifest) -> None:
 
 def _check_fingerprints(report: Sink, m: Manifest) -> None:
     """A v2 fingerprint lists one digest per module (the top level's: exactly the manifest's) under its root."""
-    located: list[tuple[str, Fingerprint | None, set[str] | None]]
+    located: list[tuple[str, Fingerprint | None, set[str]]]
     located = [("base_model.fingerprint", m.base_model.fingerprint, set(m.modules))]
-    located += [
-        (f"lineage.{i}.base_model.fingerprint", p.base_model.fingerprint, None) for i, p in enumerate(m.lineage or [])
+    located += [  # every merged part covers the manifest's modules (SPEC.md §11)
+        (f"lineage.{i}.base_model.fingerprint", p.base_model.fingerprint, set(m.modules))
+        for i, p in enumerate(m.lineage or [])
     ]
     for where, fingerprint, names in located:
         if fingerprint is None:
@@ -91,7 +92,7 @@ def _check_fingerprints(report: Sink, m: Manifest) -> None:
         if (fingerprint.algorithm == "sha256-f32-v2") != (fingerprint.modules is not None):
             report.add("manifest.fingerprint", where, "sha256-f32-v2, and only it, lists the modules' digests")
         elif fingerprint.modules is not None:
-            if names is not None and set(fingerprint.modules) != names:
+            if set(fingerprint.modules) != names:
                 odd = sorted(set(fingerprint.modules) ^ names)[:3]
                 report.add("manifest.fingerprint", where, f"its modules must be the manifest's; differs at {odd}")
             elif root_digest(fingerprint.modules) != fingerprint.value:
@@ -149,6 +150,8 @@ def _check_module(report: Sink, m: Manifest, name: str, module: ModuleEntry) -> 
     lora = isinstance(m.parameterization, LoraParameterization)
     names = {d.name for d in m.datasets}
     covered: dict[str | None, set[str]] = {}
+    # a dense factor spans d_out, d_in or (LoRA) the rank: the widest bounds a validator's Cholesky
+    widest = max(*module.shape, m.parameterization.rank if isinstance(m.parameterization, LoraParameterization) else 0)
     for i, block in enumerate(module.blocks):
         at = f"{where}.blocks.{i}"
         if m.datasets_combined == "summed" and block.dataset is not None:
@@ -161,11 +164,11 @@ def _check_module(report: Sink, m: Manifest, name: str, module: ModuleEntry) -> 
             )
         if codec_for(block).pair != (block.param == "lora_AB"):
             report.add("manifest.param", at, f"{_PAIRS} covers param lora_AB, and only it does")
-        if any(isinstance(ref, FactorRef) for _, ref in block) and max(module.shape) > MAX_FACTOR_SIDE:
+        if any(isinstance(ref, FactorRef) for _, ref in block) and widest > MAX_FACTOR_SIDE:
             report.add(
                 "manifest.factor_side",
                 at,
-                f"a dense factor of side {max(module.shape)} (at most {MAX_FACTOR_SIDE}: checking it would cost a "
+                f"a dense factor of side {widest} (at most {MAX_FACTOR_SIDE}: checking it would cost a "
                 "validator ~10¹³ flops or more); store it as kron_eig",
             )
         params = covered.setdefault(block.dataset, set())

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -15,6 +13,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from laplace_hub.artifact.files import sha256_file, shard_name
+from laplace_hub.artifact.staging import replace_folder, staging_folder
 from laplace_hub.errors import ArtifactError, ManifestError
 from laplace_hub.manifest import (
     INDEX_NAME,
@@ -92,20 +91,16 @@ def write_artifact(
     if path.exists() and not overwrite:
         raise ArtifactError("already exists; pass `overwrite` to replace it", location=str(path))
     expected = expected_tensors(manifest)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with staging_folder(path, "tmp") as tmp:
         names = _write_tensors(expected, tensors, tmp, max_shard_bytes, tensor_file_metadata(manifest.spec_version))
         files = {name: FileEntry(size=(tmp / name).stat().st_size, sha256=sha256_file(tmp / name)) for name in names}
         written = manifest.model_copy(update={"files": files})
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest_json(written), indent=2) + "\n")
+        mode = (tmp / MANIFEST_NAME).stat().st_mode & 0o777  # what the umask gives a new file
         for name in [*names, MANIFEST_NAME]:
+            (tmp / name).chmod(mode)  # safetensors writes 0600 files: others sharing the hub could not read them
             _fsync(tmp / name)
         replace_folder(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return written
 
 
@@ -146,34 +141,6 @@ def _write_tensors(
     }
     (folder / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     return [*names, INDEX_NAME]
-
-
-def replace_folder(staged: Path, target: Path) -> None:
-    """Put the folder ``staged`` at ``target``, replacing whatever is there, all or nothing.
-
-    A rename cannot replace a non-empty folder, so an old ``target`` (folder, file or link) is
-    first renamed aside, then ``staged`` renamed into place, then the old one deleted; should the
-    second rename fail, the old one is renamed back. Readers see the old folder or the new one,
-    never a mix. ``staged`` must be on the same filesystem (a sibling of ``target``).
-
-    Raises:
-        OSError: a rename failed (``target`` is then as it was).
-
-    """
-    if not os.path.lexists(target):
-        os.rename(staged, target)
-        return
-    old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-    os.rename(target, old)
-    try:
-        os.rename(staged, target)
-    except BaseException:
-        os.rename(old, target)
-        raise
-    if old.is_dir() and not old.is_symlink():
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        old.unlink(missing_ok=True)
 
 
 def tensor_dtype(name: str) -> torch.dtype:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -14,6 +12,7 @@ from typing import Any, get_args
 
 import torch
 
+from laplace_hub.artifact.staging import staging_folder
 from laplace_hub.bridges.curvlinops import check_options, compute_kfac
 from laplace_hub.cli._common import add_command, byte_size, human_bytes, print_json
 from laplace_hub.data import DatasetSpec, check_source, load_texts, make_batches
@@ -275,12 +274,8 @@ def _spill_folder(out: Path, wanted: bool) -> Iterator[Path | None]:
     if not wanted:
         yield None
         return
-    out.parent.mkdir(parents=True, exist_ok=True)
-    folder = Path(tempfile.mkdtemp(prefix=f".{out.name}.spill-", dir=out.parent))
-    try:
+    with staging_folder(out, "spill") as folder:
         yield folder
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _plan(

@@ -43,7 +43,7 @@ def register(sub: Any) -> None:
         "pull",
         "Download an artifact (only its files), pinned to a commit, verified (checksums, values) before use.",
         "  laplace-hub pull me/smollm2-laplace\n"
-        "  laplace-hub pull HuggingFaceTB/SmolLM2-135M-Instruct@v1.0 --subfolder laplace --local-dir ./artifact\n"
+        "  laplace-hub pull HuggingFaceTB/SmolLM2-135M-Instruct@v1.0 --subfolder laplace --local-dir ./pulled\n"
         "  HF_HUB_OFFLINE=1 laplace-hub pull me/smollm2-laplace --json   # from the cache",
     )
     p.add_argument("repo", help="owner/name[@revision]")
@@ -51,7 +51,7 @@ def register(sub: Any) -> None:
     p.add_argument("--hub", help=HUB_HELP)
     p.add_argument("--local-dir", help="put the files here instead of the Hugging Face cache")
     p.add_argument(
-        "--overwrite", action="store_true", help="replace a --local-dir that holds files other than an earlier pull"
+        "--overwrite", action="store_true", help="replace a --local-dir that holds anything but an unchanged earlier pull (e.g. your own artifact)"
     )
     p.add_argument("--cache-dir", help="the Hugging Face cache to use")
     p.add_argument("--json", action="store_true")

@@ -32,3 +32,8 @@ def repo_path(root: Path, repo_id: str, subfolder: str = "") -> Path:
     if len(repo_id.split("/")) != 2 or any(p in ("", ".", "..") or "\\" in p for p in parts):
         raise HubError(f"invalid repo id or subfolder {repo_id!r} / {subfolder!r} (expected owner/name)")
     return root.joinpath(*parts)
+
+
+def lock_path(folder: Path) -> Path:
+    """The lock file of an artifact folder in a local hub: a sibling, so that a swap of the folder keeps it."""
+    return folder.parent / f".{folder.name}.lock"

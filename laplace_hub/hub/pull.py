@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import json
 import math
 import os
 import shutil
@@ -36,7 +37,7 @@ from laplace_hub.artifact.files import (
     check_file_name,
     parse_json,
 )
-from laplace_hub.artifact.store import replace_folder
+from laplace_hub.artifact.staging import folder_lock, replace_folder, staging_folder
 from laplace_hub.errors import (
     ArtifactError,
     ChecksumError,
@@ -45,7 +46,7 @@ from laplace_hub.errors import (
     ManifestError,
     MissingExtraError,
 )
-from laplace_hub.hub.locations import endpoint_of, local_root, repo_path
+from laplace_hub.hub.locations import endpoint_of, local_root, lock_path, repo_path
 from laplace_hub.manifest import CARD_NAME, INDEX_NAME, MANIFEST_NAME, expected_tensors, parse_manifest
 from laplace_hub.progress import note
 
@@ -56,9 +57,12 @@ _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 # O_NONBLOCK: opening a FIFO planted under an artifact's name returns at once instead of hanging.
 _FILE_FLAGS = os.O_RDONLY | _NOFOLLOW | getattr(os, "O_NONBLOCK", 0) | _CLOEXEC
 _DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _NOFOLLOW | _CLOEXEC
-# What a local_dir may hold and still count as an earlier pull (.cache: huggingface_hub's
-# bookkeeping, left by pulls of earlier versions).
-_PULLED_EXTRAS = (MANIFEST_NAME, CARD_NAME, ".cache")
+PULL_RECORD = ".laplace-hub-pull.json"
+"""What a pull into a ``local_dir`` wrote there: repo, revision, subfolder and the sha256 of its manifest.
+
+Hidden, so readers and validators ignore it (SPEC.md §2). A later pull replaces the folder only
+while this record still matches its manifest: a folder the user wrote, or changed, is theirs.
+"""
 
 
 @dataclass(frozen=True)
@@ -137,7 +141,7 @@ def pull(
 
 
 def _check_target(target: Path, overwrite: bool) -> None:
-    """Refuse to replace a ``local_dir`` that is not empty and not an earlier pull, unless told to."""
+    """Refuse to replace a ``local_dir`` that is not empty and not an unchanged earlier pull, unless told to."""
     if overwrite:
         return
     try:
@@ -150,15 +154,29 @@ def _check_target(target: Path, overwrite: bool) -> None:
         reason = "is a file, not a folder"
     else:
         names = sorted(os.listdir(target))
-        foreign = [n for n in names if n not in _PULLED_EXTRAS and not _artifact_file_name(n)]
-        if not names or (MANIFEST_NAME in names and not foreign):
+        if not names or _pulled_here(target, names):
             return
-        shown = ", ".join(repr(n) for n in (foreign or names)[:3])
-        reason = f"holds {shown}, not an earlier pull of an artifact"
+        what = "an artifact" if MANIFEST_NAME in names else ", ".join(repr(n) for n in names[:3])
+        reason = f"holds {what} that no pull wrote (or that changed since)"
     raise HubError(
-        f"local_dir {reason}; refusing to replace it (pass `overwrite`, or pick an empty folder)",
+        f"local_dir {reason}; refusing to replace it (pass --overwrite / overwrite=True, or pick another folder)",
         location=str(target),
     )
+
+
+def _pulled_here(target: Path, names: list[str]) -> bool:
+    """Whether ``target`` holds exactly what an earlier pull wrote: its record, matching its manifest."""
+    allowed = {PULL_RECORD, MANIFEST_NAME, CARD_NAME}
+    if PULL_RECORD not in names or any(n not in allowed and not _artifact_file_name(n) for n in names):
+        return False
+    try:
+        with (target / PULL_RECORD).open("rb") as f:
+            record = parse_json(f.read(MAX_CARD_BYTES), location=PULL_RECORD, code="hub.pull_record")
+        with (target / MANIFEST_NAME).open("rb") as f:
+            manifest = f.read(MAX_MANIFEST_BYTES)
+    except (OSError, LaplaceHubError):
+        return False
+    return isinstance(record, dict) and record.get("manifest_sha256") == hashlib.sha256(manifest).hexdigest()
 
 
 def _artifact_file_name(name: str) -> bool:
@@ -248,22 +266,29 @@ def _pull_local(root: Path, repo_id: str, sub: str, revision: str | None, target
         raise HubError("a local hub has no revisions; drop @revision")
     source = repo_path(root, repo_id, sub)
     where = f"{repo_id}/{sub}" if sub else repo_id
+    # shared with other readers, exclusive of a push's swap: one artifact is read, old or new
+    with folder_lock(lock_path(source), shared=True):
+        return _pull_local_locked(root, source, repo_id, sub, where, target)
+
+
+def _pull_local_locked(root: Path, source: Path, repo_id: str, sub: str, where: str, target: Path | None) -> Artifact:
     folder = _open_folder(root, source.relative_to(root).parts, where)
     try:
         raw = _read_manifest(folder, where, source)
         listed = _listed_files(raw)
         fits = _within_budget(raw, where)
+        origin = Origin(repo_id, hashlib.sha256(raw).hexdigest(), sub)
         if target is None:
             for name, size in listed.items():
                 _check_in_place(folder, name, size, where)
             artifact = _open_verified(source, where)
         else:
             artifact = _staged(
-                target, where, lambda staging: _copy_local(folder, raw, listed if fits else {}, staging, where)
+                target, where, origin, lambda staging: _copy_local(folder, raw, listed if fits else {}, staging, where)
             )
     finally:
         os.close(folder)
-    artifact.origin = Origin(repo_id, hashlib.sha256(raw).hexdigest(), sub)
+    artifact.origin = origin
     return artifact
 
 
@@ -420,20 +445,26 @@ def _write(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def _staged(target: Path, where: str, fill: Callable[[Path], None]) -> Artifact:
-    """Fill a staging folder beside ``target``, verify it, then rename it into place; or leave nothing."""
+def _staged(target: Path, where: str, origin: Origin, fill: Callable[[Path], None]) -> Artifact:
+    """Fill a staging folder beside ``target``, verify it, record the pull, swap it in; or leave nothing.
+
+    The artifact returned is the one verified: its files stay mapped, so it reads the verified
+    bytes whatever later happens to ``target``.
+    """
     created = _make_parents(target.parent)
-    staging = target.parent / f".{target.name}.pull-{uuid.uuid4().hex[:8]}"
     try:
-        staging.mkdir()
-        fill(staging)
-        _open_verified(staging, where)
-        replace_folder(staging, target)
+        with staging_folder(target, "pull") as staging:
+            fill(staging)
+            artifact = _open_verified(staging, where)
+            manifest_sha256 = hashlib.sha256((staging / MANIFEST_NAME).read_bytes()).hexdigest()
+            record = {**vars(origin), "manifest_sha256": manifest_sha256}
+            _write(staging / PULL_RECORD, (json.dumps(record, indent=2) + "\n").encode())
+            replace_folder(staging, target)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
         _remove_empty(created)
         raise
-    return Artifact.open(target)
+    artifact.path = target
+    return artifact
 
 
 def _make_parents(folder: Path) -> list[Path]:
@@ -498,6 +529,7 @@ def _pull_remote(
     with _hub_errors(repo_id, revision, where):
         sha = str(api.resolve_revision(repo_id, revision=revision, cache_dir=cache_dir).resolved)
     fetched = {prefix + MANIFEST_NAME}
+    origin = Origin(repo_id, sha, sub)
 
     def fetch(into: Path | None) -> Path:
         """Download the manifest, check it, then exactly the files it lists; returns the artifact folder."""
@@ -559,14 +591,14 @@ def _pull_remote(
         return folder
 
     if target is not None:
-        artifact = _staged(target, where, lambda staging: _place_download(fetch(staging), staging))
+        artifact = _staged(target, where, origin, lambda staging: _place_download(fetch(staging), staging))
     else:
         try:
             artifact = _open_verified(fetch(None), where)
         except BaseException:
             _discard_cached(repo_id, sha, fetched, cache_dir)
             raise
-    artifact.origin = Origin(repo_id, sha, sub)
+    artifact.origin = origin
     return artifact
 
 

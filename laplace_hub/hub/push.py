@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from laplace_hub.artifact import Artifact
-from laplace_hub.artifact.store import replace_folder
+from laplace_hub.artifact.staging import folder_lock, replace_folder, staging_folder
 from laplace_hub.errors import HubError, MissingExtraError
 from laplace_hub.hub.card import build_card
-from laplace_hub.hub.locations import endpoint_of, local_root, repo_path
+from laplace_hub.hub.locations import endpoint_of, local_root, lock_path, repo_path
 from laplace_hub.manifest import CARD_NAME, MANIFEST_NAME
 from laplace_hub.progress import note
 from laplace_hub.validate import validate
@@ -113,19 +113,33 @@ def _push_local(
     target = repo_path(root, repo_id, sub)
     if not create_repo and not repo_path(root, repo_id).is_dir():
         raise HubError(f"no repo {repo_id} in the local hub {root}; pass `create_repo`", location=str(root))
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.parent / f".{target.name}.push-{uuid.uuid4().hex[:8]}"
-    try:
-        staging.mkdir()
+    parent = _content_id(target)  # the revision this push replaces, as create_commit's parent_commit
+    with staging_folder(target, "push") as staging:
         for name in _artifact_files(artifact):
             shutil.copy2(folder / name, staging / name)
         (staging / CARD_NAME).write_text(card)
-        # the content id a pull from this hub reports as its revision (see pull)
-        sha = hashlib.sha256((staging / MANIFEST_NAME).read_bytes()).hexdigest()
-        replace_folder(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        sha = _content_id(staging)
+        with folder_lock(lock_path(target)):
+            if _content_id(target) != parent:
+                where = f"{repo_id}/{sub}" if sub else repo_id
+                raise HubError(
+                    f"{where} moved while pushing (another writer pushed first); nothing was written, "
+                    "pull and push again",
+                    location=str(target),
+                )
+            replace_folder(staging, target)
+    assert sha is not None
     return PushResult(commit_url=target.resolve().as_uri(), commit_sha=sha)
+
+
+def _content_id(folder: Path) -> str | None:
+    """A local hub's revision of an artifact folder: the sha256 of its manifest (what a pull reports)."""
+    try:
+        fd = os.open(folder / MANIFEST_NAME, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
 
 
 def _push_remote(

@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from laplace_hub.errors import ArtifactError, ChecksumError, HubError, LaplaceHubError, ModelMismatchError
 from laplace_hub.hub import pull, push
+from laplace_hub.hub.pull import PULL_RECORD
 from laplace_hub.validate import validate
 from tests.conftest import CONFORMANCE
 from tests.hub_server import HubServer
@@ -71,7 +72,7 @@ def test_copies_only_the_listed_files_and_a_regular_card(tmp_path: Path) -> None
     (folder / "laplace-notes").mkdir()
     local = tmp_path / "out" / "local"
     artifact = pull("me/curv", subfolder="laplace", hub=hub, local_dir=local)
-    assert {p.name for p in local.iterdir()} == ARTIFACT_FILES | {"README.md"}
+    assert {p.name for p in local.iterdir()} == ARTIFACT_FILES | {"README.md", PULL_RECORD}
     assert all((local / n).read_bytes() == (folder / n).read_bytes() for n in ARTIFACT_FILES)
     assert artifact.path == local and artifact.origin.subfolder == "laplace"
     assert sorted(p.name for p in local.parent.iterdir()) == ["local"]  # no staging or old folder
@@ -90,7 +91,7 @@ def test_a_card_that_is_not_a_small_regular_file_is_not_copied(tmp_path: Path, c
         (folder / "README.md").write_bytes(b"#" * (2**20 + 1))
     local = tmp_path / "local"
     pull("me/curv", subfolder="laplace", hub=hub, local_dir=local)
-    assert {p.name for p in local.iterdir()} == ARTIFACT_FILES
+    assert {p.name for p in local.iterdir()} == ARTIFACT_FILES | {PULL_RECORD}
     assert all(b"the password" not in p.read_bytes() for p in local.iterdir())
 
 
@@ -218,7 +219,7 @@ def test_a_local_dir_holding_other_files_is_refused_unless_overwrite(tmp_path: P
     assert [p.name for p in local.iterdir()] == ["thesis.tex"]
     assert sorted(p.name for p in tmp_path.glob(".local.*")) == []
     pull("me/curv", subfolder="laplace", hub=hub, local_dir=local, overwrite=True)
-    assert {p.name for p in local.iterdir()} == ARTIFACT_FILES
+    assert {p.name for p in local.iterdir()} == ARTIFACT_FILES | {PULL_RECORD}
     pull("me/curv", subfolder="laplace", hub=hub, local_dir=local)  # an earlier pull: replaced freely
     (tmp_path / "a-file").write_text("")
     with pytest.raises(HubError, match="is a file, not a folder"):
@@ -333,7 +334,7 @@ def test_a_remote_subfolder_lands_in_local_dir_as_just_its_files(server: HubServ
     local = tmp_path / "local"
     artifact = pull("me/curv", subfolder="laplace", hub=server.url, local_dir=local, token=TOKEN)
     assert artifact.origin.revision == sha and artifact.path == local
-    assert {p.name for p in local.iterdir()} == ARTIFACT_FILES  # no .cache, no config, no extra
+    assert {p.name for p in local.iterdir()} == ARTIFACT_FILES | {PULL_RECORD}  # no .cache, no config, no extra
     assert all((local / n).read_bytes() == (SHARDED / n).read_bytes() for n in ARTIFACT_FILES)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["local"]
 

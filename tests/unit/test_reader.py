@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from laplace_hub.artifact import Artifact, merge, reader
 from laplace_hub.artifact.files import sha256_file
@@ -160,7 +161,7 @@ def test_merging_a_posterior_whose_parts_share_keys_across_datasets_doubles_it(t
 def test_a_tensor_file_replaced_after_the_checks_is_refused_not_read(tmp_path: Path) -> None:
     """A writer swapping the folder's file between open() and block() must not hand over its values."""
     folder = _copy(tmp_path)
-    artifact = Artifact.open(folder, verify_checksums=True)
+    artifact = Artifact.open(folder)  # lazy: nothing mapped yet
     module = next(iter(artifact.manifest.modules))
     replacement = folder / "laplace.safetensors.new"
     shutil.copyfile(folder / "laplace.safetensors", replacement)
@@ -169,6 +170,18 @@ def test_a_tensor_file_replaced_after_the_checks_is_refused_not_read(tmp_path: P
         artifact.block(module)
     assert info.value.code == "file.changed"
     Artifact.open(folder).block(module)  # opened again, it reads
+
+
+def test_a_verified_artifact_keeps_reading_the_bytes_it_hashed(tmp_path: Path) -> None:
+    folder = _copy(tmp_path)
+    artifact = Artifact.open(folder, verify_checksums=True)
+    module = next(iter(artifact.manifest.modules))
+    before = artifact.block(module, dtype=torch.float64).dense()
+    other = _copy(tmp_path / "other")
+    doubled = {k: v * 2 for k, v in load_file(other / "laplace.safetensors").items()}
+    save_file(doubled, other / "laplace.safetensors", metadata={"format": "laplace-hub/1.0"})
+    (other / "laplace.safetensors").replace(folder / "laplace.safetensors")  # a writer replaces the file
+    assert torch.equal(artifact.block(module, dtype=torch.float64).dense(), before)
 
 
 def test_a_linked_model_card_is_refused(tmp_path: Path) -> None:
