@@ -64,6 +64,10 @@ class HubState:
         self.repos: dict[str, Repo] = {}
         self.blobs: dict[str, bytes] = {}  # sha256 → content
         self.commit_posts = 0
+        # How the server lies (tests of a hostile endpoint): "sha" (model info's commit), and for file
+        # downloads "etag", "commit" (X-Repo-Commit), "content_length", "truncate", "drip" (seconds per
+        # byte, 40 bytes), "redirect_loop".
+        self.lies: dict[str, Any] = {}
 
     def create(self, repo_id: str, private: bool = False) -> Repo:
         repo = Repo(repo_id, private)
@@ -117,7 +121,7 @@ class HubState:
         return {
             "id": repo.repo_id,
             "modelId": repo.repo_id,
-            "sha": commit.sha,
+            "sha": self.lies.get("sha", commit.sha),
             "private": repo.private,
             "author": repo.repo_id.split("/")[0],
             "tags": tags,
@@ -312,7 +316,40 @@ class Handler(BaseHTTPRequestHandler):
         headers = {"X-Repo-Commit": commit.sha, "ETag": f'"{entry.sha256 if entry.lfs else entry.oid}"'}
         if entry.lfs:
             headers |= {"X-Linked-Etag": f'"{entry.sha256}"', "X-Linked-Size": str(entry.size)}
-        self._send(200, self.state.blobs[entry.sha256], headers, "application/octet-stream")
+        body = self.state.blobs[entry.sha256]
+        if self.state.lies:
+            self._lie(body, headers)
+        else:
+            self._send(200, body, headers, "application/octet-stream")
+
+    def _lie(self, body: bytes, headers: dict[str, str]) -> None:
+        lies = self.state.lies
+        if lies.get("redirect_loop"):
+            self._send(302, headers={"Location": self.path})
+            return
+        headers["ETag"] = lies.get("etag", headers["ETag"])
+        headers["X-Repo-Commit"] = lies.get("commit", headers["X-Repo-Commit"])
+        self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(lies.get("content_length", len(body))))
+        for key, value in headers.items():
+            self.send_header(key, value)
+        self.end_headers()
+        if self.command == "HEAD":
+            return
+        if lies.get("truncate"):
+            body = body[: len(body) // 2]
+        try:
+            if "drip" in lies:  # a byte at a time, for 40 bytes (the state lock is held meanwhile)
+                for i in range(min(40, len(body))):
+                    time.sleep(lies["drip"])
+                    self.wfile.write(body[i : i + 1])
+                    self.wfile.flush()
+            else:
+                self.wfile.write(body)
+        except OSError:
+            pass  # the client gave up
+        self.close_connection = True
 
     def preupload(self, repo: str, rev: str) -> None:
         r = self._repo(repo)

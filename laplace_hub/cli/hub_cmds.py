@@ -51,9 +51,16 @@ def register(sub: Any) -> None:
     p.add_argument("--hub", help=HUB_HELP)
     p.add_argument("--local-dir", help="put the files here instead of the Hugging Face cache")
     p.add_argument(
-        "--overwrite", action="store_true", help="replace a --local-dir that holds anything but an unchanged earlier pull (e.g. your own artifact)"
+        "--overwrite",
+        action="store_true",
+        help="replace a --local-dir that holds anything but an unchanged earlier pull (e.g. your own artifact)",
     )
     p.add_argument("--cache-dir", help="the Hugging Face cache to use")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        help="seconds the whole pull from a Hub may take (default: a minute plus 1 s per 256 KiB it lists)",
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=run_pull, flags={"overwrite": "--overwrite", "subfolder": "--subfolder"})
 
@@ -106,6 +113,7 @@ def run_pull(args: argparse.Namespace) -> int:
         local_dir=args.local_dir,
         cache_dir=args.cache_dir,
         overwrite=args.overwrite,
+        timeout=args.timeout,
     )
     summary = {
         "path": str(artifact.path),

@@ -12,14 +12,11 @@ unverified files in the Hugging Face cache) and raises a :class:`LaplaceHubError
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import math
 import os
-import shutil
 import stat
-import uuid
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -46,6 +43,7 @@ from laplace_hub.errors import (
     ManifestError,
     MissingExtraError,
 )
+from laplace_hub.hub.download import COMMIT, Deadline, cache_folder, check_commit, fetch, into_cache
 from laplace_hub.hub.locations import endpoint_of, local_root, lock_path, repo_path
 from laplace_hub.manifest import CARD_NAME, INDEX_NAME, MANIFEST_NAME, expected_tensors, parse_manifest
 from laplace_hub.progress import note
@@ -90,6 +88,7 @@ def pull(
     cache_dir: str | Path | None = None,
     token: str | bool | None = None,
     overwrite: bool = False,
+    timeout: float | None = None,
 ) -> Artifact:
     """Fetch an artifact (only its files), verify checksums, spec version and values, and open it.
 
@@ -112,8 +111,10 @@ def pull(
         local_dir: Put the verified files here instead of the Hugging Face cache.
         cache_dir: The Hugging Face cache to use.
         token: As ``huggingface_hub`` takes it; never printed.
-        overwrite: Replace a ``local_dir`` that holds something other than an earlier pull (a
-            link there is replaced itself, never what it points to).
+        overwrite: Replace a ``local_dir`` that holds something other than an unchanged earlier
+            pull (a link there is replaced itself, never what it points to).
+        timeout: Seconds the whole pull from a Hub endpoint may take; by default a minute plus
+            the declared bytes at 256 KiB/s.
 
     Raises:
         HubError: repo, revision or artifact not found, not cached while offline, a link or
@@ -131,7 +132,7 @@ def pull(
         root = local_root(hub)
         if root is not None:
             return _pull_local(root, repo_id, sub, revision, target)
-        return _pull_remote(repo_id, revision, sub, endpoint_of(hub), target, cache_dir, token)
+        return _pull_remote(repo_id, revision, sub, endpoint_of(hub), target, cache_dir, token, timeout)
     except LaplaceHubError:
         raise
     except (OSError, RecursionError) as e:  # shutil.Error, NotADirectoryError, … are OSErrors
@@ -488,6 +489,7 @@ def _remove_empty(created: list[Path]) -> None:
 @contextmanager
 def _hub_errors(repo_id: str, revision: str | None, where: str) -> Iterator[None]:
     """huggingface_hub's errors as one-line :class:`HubError` s."""
+    import httpx2
     from huggingface_hub.errors import (
         HfHubHTTPError,
         LocalEntryNotFoundError,
@@ -508,6 +510,8 @@ def _hub_errors(repo_id: str, revision: str | None, where: str) -> Iterator[None
         ) from e
     except HfHubHTTPError as e:
         raise HubError(f"pull of {where} failed: {str(e).splitlines()[0]}") from e
+    except httpx2.HTTPError as e:  # a redirect loop, a broken or silent connection
+        raise HubError(f"pull of {where} failed: the server broke off ({type(e).__name__})") from e
 
 
 def _pull_remote(
@@ -518,103 +522,111 @@ def _pull_remote(
     target: Path | None,
     cache_dir: str | Path | None,
     token: str | bool | None,
+    timeout: float | None,
 ) -> Artifact:
     try:
-        from huggingface_hub import HfApi, snapshot_download
+        from huggingface_hub import HfApi, constants
     except ImportError as e:
         raise MissingExtraError("huggingface-hub", "hf") from e
     api = HfApi(endpoint=endpoint, token=token)
     where = f"{repo_id}@{revision or 'main'}" + (f"/{sub}" if sub else "")
-    prefix = f"{sub}/" if sub else ""
-    with _hub_errors(repo_id, revision, where):
-        sha = str(api.resolve_revision(repo_id, revision=revision, cache_dir=cache_dir).resolved)
-    fetched = {prefix + MANIFEST_NAME}
+    repo_dir = cache_folder(Path(cache_dir or constants.HF_HUB_CACHE), repo_id)
+    sha = _resolve(api, repo_id, revision, repo_dir, where)
     origin = Origin(repo_id, sha, sub)
-
-    def fetch(into: Path | None) -> Path:
-        """Download the manifest, check it, then exactly the files it lists; returns the artifact folder."""
-
-        def download(names: list[str]) -> Path:
-            fetched.update(prefix + name for name in names)
-            snapshot = snapshot_download(
-                repo_id,
-                revision=sha,
-                allow_patterns=[glob.escape(prefix + name) for name in names],
-                cache_dir=cache_dir,
-                local_dir=into,
-                token=token,
-                endpoint=endpoint,
-            )
-            return Path(snapshot) / sub if sub else Path(snapshot)
-
-        with _hub_errors(repo_id, revision, where):
-            listing = _remote_sizes(api, repo_id, sub, sha)
-            if listing is not None and MANIFEST_NAME not in listing:
-                raise HubError(
-                    f"no laplace-hub artifact at {where} (no {MANIFEST_NAME}); check the repo and `subfolder`"
-                )
-            if listing is not None and listing[MANIFEST_NAME] > MAX_MANIFEST_BYTES:
-                raise ManifestError(
-                    f"file is larger than the limit of {MAX_MANIFEST_BYTES} bytes",
-                    location=_at(where, MANIFEST_NAME),
-                    code="manifest.json_invalid",
-                )
-            folder = download([MANIFEST_NAME])
-            path = folder / MANIFEST_NAME
-            if not path.is_file():
-                raise HubError(
-                    f"no laplace-hub artifact at {where} (no {MANIFEST_NAME}); check the repo and `subfolder`"
-                )
-            if path.stat().st_size > MAX_MANIFEST_BYTES:
-                raise ManifestError(
-                    f"file is larger than the limit of {MAX_MANIFEST_BYTES} bytes",
-                    location=_at(where, MANIFEST_NAME),
-                    code="manifest.json_invalid",
-                )
-            raw = path.read_bytes()
-            listed = _listed_files(raw)
-            if not _within_budget(raw, where):
-                return folder
-            for name, size in listed.items():
-                listed_size = None if listing is None else listing.get(name)
-                if listed_size is not None and listed_size != size:
-                    raise ChecksumError(
-                        f"is {listed_size} bytes on the hub, the manifest says {size}; not downloaded",
-                        location=_at(where, name),
-                        code="file.size",
-                    )
-            wanted = [name for name in listed if listing is None or name in listing]  # absent: verification names it
-            if wanted:
-                mib = sum(listed[name] for name in wanted) / 2**20
-                note(f"pull {where}: downloading {len(wanted)} file(s), {mib:.1f} MiB, then verifying them")
-                download(wanted)
-        return folder
-
-    if target is not None:
-        artifact = _staged(target, where, origin, lambda staging: _place_download(fetch(staging), staging))
+    cached = repo_dir / "snapshots" / sha / sub if sub else repo_dir / "snapshots" / sha
+    if target is None and (constants.HF_HUB_OFFLINE or (cached / MANIFEST_NAME).exists()):
+        if not (cached / MANIFEST_NAME).exists():
+            raise HubError(f"{where} is not in the cache and the hub cannot be reached (offline?); pull it once online")
+        artifact = _open_verified(cached, where)  # a cache hit is verified like a download
     else:
-        try:
-            artifact = _open_verified(fetch(None), where)
-        except BaseException:
-            _discard_cached(repo_id, sha, fetched, cache_dir)
-            raise
+        download = _Download(api, repo_id, sha, sub, where, Deadline(where, timeout), token, endpoint)
+        if target is not None:
+            artifact = _staged(target, where, origin, download.into)
+        else:
+            with staging_folder(repo_dir / "download", "pull") as staging:
+                download.into(staging)
+                artifact = _open_verified(staging, where)  # nothing enters the cache unverified
+                artifact.path = into_cache(staging, repo_dir, sha, sub, sorted(os.listdir(staging)), revision)
     artifact.origin = origin
     return artifact
 
 
-def _place_download(folder: Path, staging: Path) -> None:
-    """Make ``staging`` hold just the downloaded artifact: its subfolder's files, no bookkeeping."""
-    shutil.rmtree(staging / ".cache", ignore_errors=True)  # huggingface_hub's local_dir metadata
-    if folder.resolve() == staging.resolve():
-        return
-    holder = staging / f".files-{uuid.uuid4().hex[:8]}"  # inside staging: a failure cleans it up too
-    os.rename(folder, holder)
-    for entry in list(staging.iterdir()):  # what is left: the empty parents of the subfolder
-        if entry != holder:
-            shutil.rmtree(entry, ignore_errors=True)
-    for entry in list(holder.iterdir()):
-        os.rename(entry, staging / entry.name)
-    holder.rmdir()
+def _resolve(api: Any, repo_id: str, revision: str | None, repo_dir: Path, where: str) -> str:
+    """The commit ``revision`` names: asked of the hub, else (offline, unreachable) from the cache's refs.
+
+    Only a 40-hex answer is used, and nothing is written to the cache here: a ref is recorded once
+    the files it leads to verified (``into_cache``).
+    """
+    from huggingface_hub import constants
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    if not constants.HF_HUB_OFFLINE:
+        import httpx2
+
+        with _hub_errors(repo_id, revision, where):
+            try:
+                return check_commit(str(api.repo_info(repo_id, revision=revision).sha), where)
+            except (httpx2.TransportError, OfflineModeIsEnabled):
+                pass  # unreachable: the cache's refs decide
+    ref = revision or "main"
+    if COMMIT.fullmatch(ref):
+        return ref
+    path = repo_dir / "refs" / ref
+    if ".." not in ref and path.is_file():
+        return check_commit(path.read_text().strip(), where)
+    raise HubError(f"{where} is not in the cache and the hub cannot be reached (offline?); pull it once online")
+
+
+@dataclass
+class _Download:
+    """The manifest first, its budget and sizes checked, then exactly the files it lists."""
+
+    api: Any
+    repo_id: str
+    sha: str
+    sub: str
+    where: str
+    deadline: Deadline
+    token: str | bool | None
+    endpoint: str | None
+
+    def into(self, staging: Path) -> None:
+        """Download the artifact's files into ``staging`` (flat: the subfolder's files only)."""
+        with _hub_errors(self.repo_id, self.sha, self.where):
+            listing = _remote_sizes(self.api, self.repo_id, self.sub, self.sha)
+        if listing is not None and MANIFEST_NAME not in listing:
+            raise HubError(
+                f"no laplace-hub artifact at {self.where} (no {MANIFEST_NAME}); check the repo and `subfolder`"
+            )
+        self._fetch(MANIFEST_NAME, MAX_MANIFEST_BYTES, staging)
+        raw = (staging / MANIFEST_NAME).read_bytes()
+        listed = _listed_files(raw)
+        if not _within_budget(raw, self.where):
+            return
+        for name, size in listed.items():
+            listed_size = None if listing is None else listing.get(name)
+            if listed_size is not None and listed_size != size:
+                raise ChecksumError(
+                    f"is {listed_size} bytes on the hub, the manifest says {size}; not downloaded",
+                    location=_at(self.where, name),
+                    code="file.size",
+                )
+        wanted = [name for name in listed if listing is None or name in listing]  # absent: verification names it
+        if wanted:
+            total = sum(listed[name] for name in wanted)
+            self.deadline.expect(total)
+            note(f"pull {self.where}: downloading {len(wanted)} file(s), {total / 2**20:.1f} MiB, then verifying them")
+        for name in wanted:
+            self._fetch(name, listed[name], staging)
+
+    def _fetch(self, name: str, limit: int, staging: Path) -> None:
+        from huggingface_hub import hf_hub_url
+        from huggingface_hub.utils import build_hf_headers  # type: ignore[attr-defined]
+
+        path = f"{self.sub}/{name}" if self.sub else name
+        url = hf_hub_url(self.repo_id, path, revision=self.sha, endpoint=self.endpoint)
+        headers = build_hf_headers(token=self.token)
+        fetch(url, staging / name, limit=limit, commit=self.sha, headers=headers, deadline=self.deadline, name=name)
 
 
 def _remote_sizes(api: Any, repo_id: str, sub: str, sha: str) -> dict[str, int] | None:
@@ -637,35 +649,3 @@ def _remote_sizes(api: Any, repo_id: str, sub: str, sha: str) -> dict[str, int] 
         for e in entries
         if isinstance(e, RepoFile)
     }
-
-
-def _discard_cached(repo_id: str, sha: str, paths: set[str], cache_dir: str | Path | None) -> None:
-    """Remove a pull that did not verify from the Hugging Face cache, through huggingface_hub's cache API.
-
-    The cache API knows which blobs other cached revisions share. When the revision holds only
-    this pull's files, the whole revision goes (``delete_revisions``); when it also holds other
-    files (a model repo whose weights are cached at the same commit), only this pull's entries
-    go, with their blobs unless another cached file uses them.
-    """
-    from huggingface_hub import scan_cache_dir
-    from huggingface_hub.errors import CacheNotFound
-
-    try:
-        info = scan_cache_dir(cache_dir)
-        for repo in info.repos:
-            if repo.repo_id != repo_id or repo.repo_type != "model":
-                continue
-            for rev in repo.revisions:
-                if rev.commit_hash != sha:
-                    continue
-                ours = {f for f in rev.files if f.file_path.relative_to(rev.snapshot_path).as_posix() in paths}
-                if ours == set(rev.files):
-                    info.delete_revisions(sha).execute()
-                    return
-                used = {f.blob_path for r in repo.revisions for f in r.files if f not in ours}
-                for f in ours:
-                    f.file_path.unlink(missing_ok=True)
-                    if f.blob_path not in used:
-                        f.blob_path.unlink(missing_ok=True)
-    except (CacheNotFound, OSError, ValueError):
-        pass  # the pull's own error is what the caller needs to see

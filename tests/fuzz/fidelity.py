@@ -163,7 +163,7 @@ def module_reference(folder: Path, name: str, get: Tensors | None = None) -> Ref
     lam_max = 0.0
     flattest: list[list[torch.Tensor]] = []
     for block in module["blocks"]:
-        weight = weights.get(block["dataset"], 1.0)
+        weight = weights.get(block.get("dataset"), 1.0)
         penalty, bound = _block_reference(block, *sides[block["param"]], r, get)
         parts.append((block["param"], weight, penalty))
         lam_max += weight * bound

@@ -132,7 +132,8 @@ def kron_eig_edges(b: Builder, dtype: str, shape: tuple[int, int]) -> dict:
     for role, n in {"output": shape[0], "input": shape[1]}.items():
         k = b.pick(f"{role}_k", [1, 16, n])
         values = b.spectrum(n)[:k]
-        tail = {"zero": 0.0, "at_least": float(values[-1]), "above_least": float(values[-1]) * (1 + TAU[dtype] / 2)}[
+        least = float(values[-1].to(DTYPES[dtype]))  # as stored: a writer sets the tail from what it stores
+        tail = {"zero": 0.0, "at_least": least, "above_least": least * (1 + TAU[dtype] / 2)}[
             b.pick(f"{role}_tail", ["zero", "at_least", "above_least"])
         ]
         vectors = b.orthonormal(n, k)

@@ -733,7 +733,10 @@ def _bf16_indefinite(ctx: Ctx) -> None:
     def fn(t: torch.Tensor) -> torch.Tensor:
         m = _to_dense(t, ref)
         for _ in range(4):  # rounding to the half type moves the eigenvalues: aim again
-            w = torch.linalg.eigvalsh((m + m.T) / 2)
+            try:
+                w = torch.linalg.eigvalsh((m + m.T) / 2)
+            except torch.linalg.LinAlgError as e:  # an earlier mutation left a value eigh cannot take
+                raise NotApplicable("eigvalsh does not converge") from e
             m = m - (w[0].item() + eps * max(w[-1].item(), 0.0)) * torch.eye(m.shape[0], dtype=m.dtype)
             m = _to_dense(_from_dense(m, t), ref)
         return _from_dense(m, t)
@@ -1150,7 +1153,7 @@ def _index_weight_map(ctx: Ctx) -> None:
         if not isinstance(wm, dict) or not wm:
             raise NotApplicable("no weight_map")
         key = ctx.ch.choice(sorted(wm))
-        shards = sorted(set(wm.values()))
+        shards = sorted(set(wm.values()), key=repr)  # an earlier mutation may have put a non-string there
         if how == "drop_key":
             del wm[key]
         elif how == "wrong_shard":
@@ -2013,6 +2016,8 @@ def _fs_stray(ctx: Ctx) -> None:
     elif how == "stray_fifo":
         os.mkfifo(ctx.folder / "pipe")
     else:
+        if os.path.lexists(ctx.folder / README) and not is_regular(ctx.folder / README):
+            raise NotApplicable("README.md is not a regular file")
         (ctx.folder / README).write_text("---\nlicense: apache-2.0\n---\n# card " + "\U0001f600\n")
 
 
@@ -2043,7 +2048,7 @@ def _fs_sparse_huge(ctx: Ctx) -> None:
     """A diag module declared (header + manifest) with a huge shape, its data a sparse hole."""
     size = ctx.pick("size", ["3GiB", "50GiB"])
     doc = ctx.load_manifest()
-    if not is_regular(ctx.folder / SINGLE) or not isinstance(doc.get("files"), dict):
+    if not is_regular(ctx.folder / SINGLE) or not isinstance(doc, dict) or not isinstance(doc.get("files"), dict):
         raise NotApplicable("not a single-file artifact")
     diag_modules = [name for name, m in _modules(doc)
                     if all(isinstance(b, dict) and b.get("structure") == "diag" and b.get("param") == "weight"

@@ -398,3 +398,59 @@ def test_every_failure_is_a_library_error(tmp_path: Path) -> None:
     with pytest.raises(LaplaceHubError):
         pull("me/curv", subfolder="laplace", hub=hub, local_dir=tmp_path / "local")
     nothing_left(tmp_path / "local")
+
+
+# --- a lying endpoint: nothing outside, no hang, one HubError line, nothing left ------------------
+
+
+def _nothing_outside(tmp_path: Path, word: str) -> None:
+    assert not [p for p in tmp_path.rglob(f"*{word}*")], f"a server-chosen name reached the disk: {word}"
+
+
+def _cache_holds_no_artifact(cache: Path) -> None:
+    assert not [p for p in cache.rglob("*") if p.is_file() and not p.name.endswith(".lock")]
+
+
+@pytest.mark.hub
+@pytest.mark.parametrize("into", [True, False], ids=["local_dir", "cache"])
+def test_a_server_etag_never_becomes_a_path(server: HubServer, tmp_path: Path, into: bool) -> None:
+    """huggingface_hub names cache blobs by the ETag; laplace-hub names them by the sha256 it verified."""
+    commit(server, folder_files(SHARDED))
+    server.state.lies = {"etag": '"../../../../../../etag-pwned"'}
+    cache, local = tmp_path / "cache", tmp_path / "local"
+    artifact = pull("me/curv", hub=server.url, cache_dir=cache, local_dir=local if into else None, token=TOKEN)
+    assert all((artifact.path / n).read_bytes() == (SHARDED / n).read_bytes() for n in ARTIFACT_FILES)
+    _nothing_outside(tmp_path, "pwned")
+
+
+LIES = {
+    "sha": ({"sha": "../../../sha-pwned"}, HubError, "not a 40-hex commit sha"),
+    "commit-header": ({"commit": "f" * 40}, HubError, "from commit 'ffff"),
+    "truncated": ({"truncate": True}, HubError, "broke off sending"),
+    "huge-length": ({"content_length": 10 * 2**30}, ChecksumError, "announces 10737418240 bytes"),
+    "redirect-loop": ({"redirect_loop": True}, HubError, "redirected .* in a loop"),
+    "drip": ({"drip": 0.1}, HubError, "took longer than 2 s"),
+}
+
+
+@pytest.mark.hub
+@pytest.mark.parametrize("lie", sorted(LIES))
+@pytest.mark.parametrize("into", [True, False], ids=["local_dir", "cache"])
+def test_a_lying_server_ends_in_one_error_and_leaves_nothing(
+    server: HubServer, tmp_path: Path, lie: str, into: bool, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from laplace_hub.cli import main
+
+    commit(server, folder_files(SHARDED))
+    server.state.lies, error, message = LIES[lie]
+    cache, local = tmp_path / "cache", tmp_path / "local"
+    with pytest.raises(error, match=message):
+        pull("me/curv", hub=server.url, cache_dir=cache, local_dir=local if into else None, token=TOKEN, timeout=2)
+    nothing_left(local)
+    _cache_holds_no_artifact(cache)
+    _nothing_outside(tmp_path, "pwned")
+    args = ["pull", "me/curv", "--hub", server.url, "--cache-dir", str(cache), "--timeout", "2"]
+    capsys.readouterr()  # the commit's upload bars
+    assert main([*args, *(["--local-dir", str(local)] if into else [])]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error:") and "internal error" not in err, err

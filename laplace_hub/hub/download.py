@@ -1,0 +1,146 @@
+"""Fetching files from a Hub endpoint without trusting it with a path, a size or the time.
+
+A server chooses nothing that becomes a path here: file names come from the manifest's grammar
+(SPEC.md §8.1), the commit it resolves a revision to must be 40 hex digits, and a file enters the
+Hugging Face cache as a blob named by the sha256 *we* computed of bytes that were verified — never
+by a server's ETag. Each download is capped at the size the manifest declares and must come from
+the pinned commit; the pull as a whole has a deadline. A lying, broken or slow server therefore
+ends in one :class:`HubError` (or :class:`ChecksumError`) line, never in a hang, a traceback or a
+file outside the destination.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from laplace_hub.errors import ChecksumError, HubError
+
+COMMIT = re.compile(r"[0-9a-f]{40}")
+_REF = re.compile(r"[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*")
+_CHUNK = 2**20
+READ_TIMEOUT_S = 10.0  # a server silent for this long mid-file has stopped answering
+MIN_RATE = 2**18  # bytes per second every pull may count on (256 KiB/s) ...
+GRACE_S = 60.0  # ... after this much time for requests, redirects and the manifest
+
+
+def check_commit(sha: str, where: str) -> str:
+    """The commit a server resolved a revision to, refused unless it is 40 lowercase hex digits."""
+    if not COMMIT.fullmatch(sha):
+        raise HubError(f"the server resolved {where} to {sha[:60]!r}, not a 40-hex commit sha; refusing it")
+    return sha
+
+
+@dataclass
+class Deadline:
+    """The time a pull may take: a grace period plus its declared bytes at :data:`MIN_RATE`."""
+
+    where: str
+    seconds: float | None = None  # None: GRACE_S + bytes / MIN_RATE, grown by `expect`
+    start: float = field(default_factory=time.monotonic)
+    _budget: float = GRACE_S
+
+    def expect(self, nbytes: int) -> None:
+        """Allow for ``nbytes`` more (the files the manifest lists, once it is read)."""
+        self._budget += nbytes / MIN_RATE
+
+    def left(self) -> float:
+        """Seconds left; raises :class:`HubError` once none are."""
+        limit = self.seconds if self.seconds is not None else self._budget
+        remaining = limit - (time.monotonic() - self.start)
+        if remaining <= 0:
+            raise HubError(
+                f"pull of {self.where} took longer than {limit:.0f} s (the server is too slow or stalls; "
+                "pass a larger `timeout` / --timeout)"
+            )
+        return remaining
+
+
+def fetch(
+    url: str, dest: Path, *, limit: int, commit: str, headers: dict[str, str], deadline: Deadline, name: str
+) -> None:
+    """GET ``url`` into the new file ``dest``: at most ``limit`` bytes, from ``commit``, before the deadline."""
+    import httpx2 as httpx
+    from huggingface_hub import get_session
+
+    where = f"{deadline.where}: {name}"
+    try:
+        timeout = httpx.Timeout(min(READ_TIMEOUT_S, deadline.left()))
+        with get_session().stream("GET", url, headers=headers, follow_redirects=True, timeout=timeout) as response:
+            if response.status_code != 200:
+                raise HubError(f"the server answered HTTP {response.status_code} for {where}")
+            served = response.headers.get("x-repo-commit")
+            if served is not None and served != commit:
+                raise HubError(f"the server sent {where} from commit {served[:60]!r}, not the pinned {commit}")
+            length = response.headers.get("content-length")
+            if length is not None and (not length.isdigit() or int(length) > limit):
+                raise ChecksumError(
+                    f"the server announces {length[:24]} bytes, the manifest at most {limit}; not downloaded",
+                    location=where,
+                    code="file.size",
+                )
+            _stream(response, dest, limit, deadline, where)
+    except (HubError, ChecksumError):
+        raise
+    except httpx.TooManyRedirects as e:
+        raise HubError(f"the server redirected {where} in a loop") from e
+    except httpx.TimeoutException as e:
+        raise HubError(f"the server stopped answering while sending {where} (no byte for {READ_TIMEOUT_S:g} s)") from e
+    except httpx.HTTPError as e:
+        raise HubError(f"the server broke off sending {where} ({type(e).__name__})") from e
+
+
+def _stream(response: object, dest: Path, limit: int, deadline: Deadline, where: str) -> None:
+    received = 0
+    with dest.open("xb") as out:
+        for chunk in response.iter_bytes():  # type: ignore[attr-defined]  # as it arrives: the deadline sees a drip
+            received += len(chunk)
+            if received > limit:
+                raise ChecksumError(
+                    f"the server sent more than the manifest's {limit} bytes", location=where, code="file.size"
+                )
+            deadline.left()
+            out.write(chunk)
+        out.flush()
+        os.fsync(out.fileno())
+
+
+def cache_folder(cache_dir: Path, repo_id: str) -> Path:
+    """huggingface_hub's cache folder of a model repo."""
+    return cache_dir / f"models--{repo_id.replace('/', '--')}"
+
+
+def into_cache(staged: Path, repo_dir: Path, commit: str, sub: str, names: list[str], revision: str | None) -> Path:
+    """Move verified files into the cache as huggingface_hub lays it out; returns the snapshot folder.
+
+    Blobs are named by their sha256, snapshots link to them, and ``refs/<revision>`` records the
+    commit a branch or tag resolved to, so that offline pulls and huggingface_hub find them.
+    """
+    snapshot = repo_dir / "snapshots" / commit / sub if sub else repo_dir / "snapshots" / commit
+    (repo_dir / "blobs").mkdir(parents=True, exist_ok=True)
+    snapshot.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        blob = repo_dir / "blobs" / _sha256(staged / name)
+        if not blob.exists():
+            os.replace(staged / name, blob)
+        link = snapshot / name
+        link.unlink(missing_ok=True)
+        link.symlink_to(os.path.relpath(blob, snapshot))
+    ref = revision or "main"
+    if not COMMIT.fullmatch(ref) and _REF.fullmatch(ref) and ".." not in ref.split("/"):
+        path = repo_dir / "refs" / ref
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(commit)
+    return snapshot
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(_CHUNK):
+            digest.update(block)
+    return digest.hexdigest()
