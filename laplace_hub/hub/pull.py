@@ -246,6 +246,12 @@ def _within_budget(raw: bytes, where: str) -> bool:
     width = {DTYPE_NAMES[k]: v for k, v in DTYPE_SIZES.items()}
     tensor_bytes = sum(width.get(s.dtype, 8) * math.prod(s.shape) for s in specs.values())
     tensor_files = [name for name in manifest.files if name != INDEX_NAME]
+    if len(tensor_files) > max(1, len(specs)):  # every tensor file is a shard holding a tensor (SPEC.md §2)
+        raise ArtifactError(
+            f"the manifest lists {len(tensor_files)} tensor files for {len(specs)} tensors; refusing to fetch them",
+            location=_at(where, "files"),
+            code="index.inconsistent",
+        )
     index_bytes = MAX_INDEX_BYTES if INDEX_NAME in manifest.files else 0
     budget = tensor_bytes + len(tensor_files) * (8 + MAX_HEADER_BYTES) + index_bytes
     declared = sum(entry.size for entry in manifest.files.values())

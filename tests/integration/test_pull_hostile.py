@@ -454,3 +454,18 @@ def test_a_lying_server_ends_in_one_error_and_leaves_nothing(
     assert main([*args, *(["--local-dir", str(local)] if into else [])]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("error:") and "internal error" not in err, err
+
+
+@pytest.mark.hub
+def test_a_manifest_listing_more_shards_than_tensors_is_refused_before_any_download(
+    server: HubServer, tmp_path: Path
+) -> None:
+    files = folder_files(SHARDED)
+    manifest = json.loads(files["laplace.json"])
+    for i in range(3, 10_003):  # 10,000 more shards, each 8 bytes, none of them on the hub
+        manifest["files"][f"laplace-{i:05d}-of-10002.safetensors"] = {"size": 8, "sha256": "0" * 64}
+    files["laplace.json"] = json.dumps(manifest).encode()
+    commit(server, files)
+    with pytest.raises(ArtifactError, match="lists 10002 tensor files for 3 tensors"):
+        pull("me/curv", hub=server.url, cache_dir=tmp_path / "cache", local_dir=tmp_path / "local", token=TOKEN)
+    nothing_left(tmp_path / "local")
