@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ import torch
 from torch import Tensor
 
 from laplace_hub.errors import DataError
+from laplace_hub.manifest import DATASET_NAME_PATTERN, MAX_DATASET_NAME_LENGTH
 from laplace_hub.progress import progress
 
 Batch = dict[str, Tensor]
@@ -37,10 +39,15 @@ class DatasetSpec:
 
     @classmethod
     def parse(cls, text: str) -> DatasetSpec:
-        """Parse ``name=path`` or ``path``."""
+        """Parse ``name=path`` or ``path``; the default name is the stem, made a valid dataset name.
+
+        >>> DatasetSpec.parse("stdlib:pydoc").name, DatasetSpec.parse("my data.v2.txt").name
+        ('stdlib_pydoc', 'my_data_v2')
+        """
         name, _, path = text.rpartition("=")
         path_obj = Path(path)
-        return cls(name or path_obj.stem.replace(".", "_"), path_obj)
+        default = re.sub(r"[^A-Za-z0-9_-]", "_", path_obj.stem).lstrip("-")[:MAX_DATASET_NAME_LENGTH]
+        return cls(name or default or "data", path_obj)
 
     @property
     def location(self) -> str:
@@ -57,9 +64,16 @@ def check_source(spec: DatasetSpec) -> None:
     laplace_hub.errors.DataError: source 'me=self:x': expected self:N with N a whole number
 
     Raises:
-        DataError: The file or folder does not exist, or ``N`` of ``self:N`` is not a whole number.
+        DataError: The name is not a dataset name (SPEC.md §4), the file or folder does not exist,
+            or ``N`` of ``self:N`` is not a whole number.
 
     """
+    if not re.fullmatch(DATASET_NAME_PATTERN, spec.name):
+        raise DataError(
+            f"dataset name {spec.name!r} must be 1-{MAX_DATASET_NAME_LENGTH} letters, digits, _ or - "
+            "(not starting with -); write NAME=PATH",
+            location=spec.location,
+        )
     source = str(spec.path)
     if source == PYDOC:
         return

@@ -84,9 +84,8 @@ MIN_DATASET_WEIGHT = 2.0**-16  # a weight is 0 or at least this: smaller ones un
 MAX_DATASET_WEIGHT = 2.0**16  # with stored values ≤ 2^40, a Kronecker penalty stays within float32 (SPEC.md §8.3)
 MAX_DATASET_NAME_LENGTH = 64
 TensorKey = Annotated[str, StringConstraints(pattern=rf"^[A-Za-z0-9_][A-Za-z0-9_.\-/]{{0,{MAX_KEY_LENGTH - 1}}}$")]
-DatasetName = Annotated[
-    str, StringConstraints(pattern=rf"^[A-Za-z0-9_][A-Za-z0-9_\-]{{0,{MAX_DATASET_NAME_LENGTH - 1}}}$")
-]
+DATASET_NAME_PATTERN = rf"^[A-Za-z0-9_][A-Za-z0-9_\-]{{0,{MAX_DATASET_NAME_LENGTH - 1}}}$"
+DatasetName = Annotated[str, StringConstraints(pattern=DATASET_NAME_PATTERN)]
 Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 ModuleName = Annotated[str, StringConstraints(pattern=r"^[^\x00-\x1f\x7f]{1,512}$")]
 """A module's name: 1–512 characters, none a control character (the fingerprint and logs stay unambiguous)."""

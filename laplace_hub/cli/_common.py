@@ -30,6 +30,15 @@ def add_command(sub: Any, name: str, summary: str, examples: str) -> argparse.Ar
     return parser
 
 
+def show_defaults(parser: argparse.ArgumentParser) -> None:
+    """Append ``(default: …)`` to the help of every option that has a default worth saying."""
+    for action in parser._actions:
+        if not action.option_strings or action.default in (None, False, "", argparse.SUPPRESS):
+            continue
+        if "%(default)" not in (action.help or "") and "default" not in (action.help or ""):
+            action.help = f"{action.help} (default: %(default)s)" if action.help else "default: %(default)s"
+
+
 def add_quiet(parser: argparse.ArgumentParser, default: Any) -> None:
     """``-q/--quiet``: no progress on stderr (results, warnings and errors still appear)."""
     parser.add_argument(

@@ -19,7 +19,7 @@ from laplace_hub.data import DatasetSpec, check_source, load_texts, make_batches
 from laplace_hub.errors import LaplaceHubError
 from laplace_hub.linear import linear_shape
 from laplace_hub.manifest import BaseModelInfo, EstimatorKind, KfacApprox, Normalization
-from laplace_hub.models import SMOLLM2_REPO_ID, load_model, select_targets
+from laplace_hub.models import SMOLLM2_REPO_ID, check_model, load_model, select_targets
 from laplace_hub.producers import ComputeOptions, compute_artifact
 from laplace_hub.producers.compute import Batch
 from laplace_hub.producers.distributed import (
@@ -100,7 +100,7 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--out", required=True, help="the artifact folder to write")
     p.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj", help="module names or 'all-linear'")
-    p.add_argument("--structure", choices=COMPUTED_STRUCTURES, default="kron")
+    p.add_argument("--structure", choices=COMPUTED_STRUCTURES, default="kron", help="block structure (SPEC.md §4)")
     p.add_argument(
         "--rank",
         type=int,
@@ -127,18 +127,35 @@ def register(sub: Any) -> None:
         help="curvlinops: compute K-FAC (kron, or kron_eig with --rank) through curvlinops' KFACLinearOperator, "
         "on one process, in the model's dtype (float64 with --float64); needs the curvlinops extra",
     )
-    p.add_argument("--estimator", choices=get_args(EstimatorKind), default="empirical")
-    p.add_argument("--mc-samples", type=int, default=1)
-    p.add_argument("--normalization", choices=get_args(Normalization), default="per_sequence")
-    p.add_argument("--kfac-approx", choices=get_args(KfacApprox), default="expand")
-    p.add_argument("--parameterization", choices=["weight", "lora"], default="weight")
-    p.add_argument("--lora-rank", type=int, default=8)
-    p.add_argument("--lora-alpha", type=float, default=16.0)
+    p.add_argument(
+        "--estimator",
+        choices=get_args(EstimatorKind),
+        default="empirical",
+        help="labels from the data, drawn from the model (mc), or squared batch gradients (SPEC.md §6)",
+    )
+    p.add_argument("--mc-samples", type=int, default=1, help="label draws per token with --estimator mc")
+    p.add_argument(
+        "--normalization",
+        choices=get_args(Normalization),
+        default="per_sequence",
+        help="the curvature is a mean per source sequence or per token (SPEC.md §6)",
+    )
+    p.add_argument(
+        "--kfac-approx", choices=get_args(KfacApprox), default="expand", help="K-FAC over positions (SPEC.md §6)"
+    )
+    p.add_argument(
+        "--parameterization",
+        choices=["weight", "lora"],
+        default="weight",
+        help="weight: fits any LoRA rank; lora: the paper's curvature over A and B at one init",
+    )
+    p.add_argument("--lora-rank", type=int, default=8, help="with --parameterization lora")
+    p.add_argument("--lora-alpha", type=float, default=16.0, help="with --parameterization lora")
     p.add_argument("--per-dataset", action="store_true", help="store one block set per dataset instead of summing")
-    p.add_argument("--max-length", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--max-length", type=int, default=128, help="tokens per sequence")
+    p.add_argument("--batch-size", type=int, default=4, help="sequences per batch")
     p.add_argument("--num-batches", type=int, default=8, help="batches per dataset (the paper's N_s)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of data order, label draws and sketches")
     p.add_argument(
         "--dtype",
         choices=["float32", "bfloat16", "float16", "float64"],
@@ -148,13 +165,14 @@ def register(sub: Any) -> None:
     p.add_argument("--float64", action="store_true", help="accumulate in float64")
     p.add_argument("--packed", action="store_true", help="store symmetric factors as upper triangles")
     p.add_argument("--license", help="licence of the curvature (SPDX id)")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
     p.set_defaults(run=run, flags=FLAGS)
 
 
 def run(args: argparse.Namespace) -> int:
     """Check everything that can be checked cheaply, then load, compute, write, validate."""
+    check_model(args.model)
     specs = [DatasetSpec.parse(d) for d in args.data]
     for spec in specs:
         check_source(spec)

@@ -47,7 +47,7 @@ def register(sub: Any) -> None:
         "  HF_HUB_OFFLINE=1 laplace-hub pull me/smollm2-laplace --json   # from the cache",
     )
     p.add_argument("repo", help="owner/name[@revision]")
-    p.add_argument("--subfolder", default="")
+    p.add_argument("--subfolder", default="", help="the artifact's folder inside the repo, e.g. laplace")
     p.add_argument("--hub", help=HUB_HELP)
     p.add_argument("--local-dir", help="put the files here instead of the Hugging Face cache")
     p.add_argument(

@@ -27,7 +27,7 @@ def register(sub: Any) -> None:
     p.add_argument("new", type=Path, help="curvature computed at the fine-tuned weights on the last task")
     p.add_argument("--decay", type=float, default=1.0, help="γ in (0, 1]: the prior's precision is multiplied by it")
     p.add_argument("--out", type=Path, required=True, help="the posterior artifact folder to write")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--json", action="store_true", help="print the lineage as JSON")
     p.set_defaults(run=run, flags={"decay": "--decay"})
 

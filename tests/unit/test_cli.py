@@ -44,6 +44,10 @@ def test_bad_flag_is_a_usage_error(name: str, capsys: pytest.CaptureFixture[str]
         ),
         (["compute", "smollm2", "--data", "x={tmp}/none.txt", "--out", "{tmp}/a"], "no such file"),
         (["compute", "smollm2", "--data", "me=self:x", "--out", "{tmp}/a"], "self:N"),
+        (["compute", "smollm2", "--data", "my data=stdlib:pydoc", "--out", "{tmp}/a"], "dataset name 'my data'"),
+        (["compute", "smolm2", "--data", "x=stdlib:pydoc", "--out", "{tmp}/a"], "did you mean 'smollm2'?"),
+        (["compute", "./no-such-model", "--data", "x=stdlib:pydoc", "--out", "{tmp}/a"], "no such model folder"),
+        (["compute", "smollm2", "--data=-x=stdlib:pydoc", "--out", "{tmp}/a"], "dataset name '-x'"),
         (["compute", "smollm2", "--data", "x=stdlib:pydoc", "--out", "{tmp}"], "already exists"),
         (
             ["sweep", "smollm2", "--source", "x={tmp}/none.txt", "--target", "arithmetic", "--out", "{tmp}/s"],
@@ -90,3 +94,18 @@ def test_known_errors_are_one_line(
         assert code == 0
         return
     assert code == 1 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_every_option_with_a_default_shows_it_in_help(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["compute", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for shown in ("q_proj,k_proj,v_proj,o_proj)", "default: kron", "(default: 8)", "(default: 4)", "(default: 128)"):
+        assert shown in text, shown
+
+
+def test_a_misspelled_flag_gets_the_commands_usage_and_a_suggestion(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["compute", "smollm2", "--data", "x=stdlib:pydoc", "--out", "x", "--strcture", "kron"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "laplace-hub compute: error" in err and "did you mean --structure?" in err
