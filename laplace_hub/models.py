@@ -68,6 +68,17 @@ def _located(model: str, gguf_file: str | None) -> tuple[str, str | None]:
     return str(path.parent), path.name
 
 
+def _drop_quantization_marks(model: Any) -> None:
+    """A GGUF model is dequantized to ``dtype`` on load, but transformers keeps its quantization marks.
+
+    They make Trainer refuse to train it and ``save_pretrained`` refuse to save it, although its
+    weights are plain floats: the continual path (compute on a saved, merged model) needs both.
+    """
+    model.hf_quantizer, model.is_quantized, model.quantization_method = None, False, None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
 def load_model(
     model: str, *, gguf_file: str | None = None, dtype: torch.dtype = torch.float32, device_map: str | None = None
 ) -> tuple[Any, Any]:
@@ -91,6 +102,8 @@ def load_model(
             loaded = AutoModelForCausalLM.from_pretrained(model, dtype=dtype, **kwargs, **placement)
     except (OSError, ValueError) as e:
         raise LaplaceHubError(f"cannot load model {model!r}: {str(e).splitlines()[0]}") from e
+    if gguf_file:
+        _drop_quantization_marks(loaded)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return loaded, tokenizer

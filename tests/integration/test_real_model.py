@@ -158,3 +158,42 @@ def test_shortened_continual_run(tmp_path: Path) -> None:
     posterior = Artifact.open(tmp_path / "posterior", verify_checksums=True)
     assert posterior.manifest.lineage is not None and len(posterior.manifest.lineage) == 2
     assert posterior.manifest.base_model.fingerprint != posterior.manifest.lineage[0].base_model.fingerprint
+
+
+def test_trainer_and_save_pretrained_work_on_the_shipped_gguf_model(
+    pydoc_kfac: tuple[Path, subprocess.CompletedProcess[str]], tmp_path: Path
+) -> None:
+    """transformers keeps GGUF quantization marks on a dequantized model; load_model drops them."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, TrainingArguments
+
+    from laplace_hub.consumers import LaplaceRegularizer, laplace_trainer_class
+    from laplace_hub.models import load_model
+
+    model, tokenizer = load_model("smollm2")
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    regularizer = LaplaceRegularizer.from_artifact(Artifact.open(pydoc_kfac[0]), peft_model, strength=10.0)
+    ids = tokenizer("def add(a, b):\n    return a + b\n", return_tensors="pt").input_ids[0]
+    rows = [{"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}] * 4
+    trainer = laplace_trainer_class()(
+        model=peft_model,
+        args=TrainingArguments(
+            output_dir=str(tmp_path / "run"),
+            max_steps=2,
+            per_device_train_batch_size=2,
+            report_to=[],
+            use_cpu=True,
+            logging_steps=1,
+            save_strategy="no",
+            disable_tqdm=True,
+        ),
+        train_dataset=rows,
+        regularizer=regularizer,
+    )
+    trainer.train()
+    assert any("laplace_penalty" in h for h in trainer.state.log_history)
+    merged = peft_model.merge_and_unload()
+    merged.save_pretrained(tmp_path / "merged")  # what the continual path computes its next curvature on
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert torch.equal(again.model.layers[0].self_attn.q_proj.weight, merged.model.layers[0].self_attn.q_proj.weight)
