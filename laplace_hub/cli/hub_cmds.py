@@ -7,11 +7,14 @@ printed. ``--hub`` names a local folder / ``file://`` URL or another endpoint in
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 from laplace_hub.cli._common import add_command, human_bytes, print_json
+from laplace_hub.errors import HubError
 
 HUB_HELP = "a local folder or file:// URL acting as the hub, or an http(s) endpoint (default: HF_ENDPOINT)"
+TOKEN_HELP = "a Hugging Face token (default: HF_TOKEN or the one `hf auth login` saved); never printed"
 
 
 def register(sub: Any) -> None:
@@ -32,7 +35,9 @@ def register(sub: Any) -> None:
     p.add_argument("--create-pr", action="store_true", help="open a pull request instead")
     p.add_argument("--create-repo", action="store_true", help="create the repo if missing")
     p.add_argument("--private", action="store_true", help="with --create-repo: make it private")
-    p.add_argument("--message", help="commit message (default: says what the artifact is)")
+    p.add_argument("--commit-message", help="commit message (default: says what the artifact is)")
+    p.add_argument("--message", dest="old_message", help=argparse.SUPPRESS)  # before 0.2: --commit-message
+    p.add_argument("--token", help=TOKEN_HELP)
     p.add_argument("--json", action="store_true")
     p.set_defaults(
         run=run_push, flags={"revision": "--revision", "create_pr": "--create-pr", "create_repo": "--create-repo"}
@@ -47,6 +52,7 @@ def register(sub: Any) -> None:
         "  HF_HUB_OFFLINE=1 laplace-hub pull me/smollm2-laplace --json   # from the cache",
     )
     p.add_argument("repo", help="owner/name[@revision]")
+    p.add_argument("--revision", help="branch, tag or commit sha (the same as owner/name@revision)")
     p.add_argument("--subfolder", default="", help="the artifact's folder inside the repo, e.g. laplace")
     p.add_argument("--hub", help=HUB_HELP)
     p.add_argument("--local-dir", help="put the files here instead of the Hugging Face cache")
@@ -56,6 +62,7 @@ def register(sub: Any) -> None:
         help="replace a --local-dir that holds anything but an unchanged earlier pull (e.g. your own artifact)",
     )
     p.add_argument("--cache-dir", help="the Hugging Face cache to use")
+    p.add_argument("--token", help=TOKEN_HELP)
     p.add_argument(
         "--timeout",
         type=float,
@@ -81,6 +88,8 @@ def run_push(args: argparse.Namespace) -> int:
     """Push and print the commit URL and sha."""
     from laplace_hub.hub import push
 
+    if args.old_message:
+        print("note: --message is deprecated and goes in 0.3; use --commit-message (as `hf upload`)", file=sys.stderr)
     result = push(
         args.folder,
         args.repo_id,
@@ -90,7 +99,8 @@ def run_push(args: argparse.Namespace) -> int:
         create_pr=args.create_pr,
         create_repo=args.create_repo,
         private=args.private,
-        commit_message=args.message,
+        commit_message=args.commit_message or args.old_message,
+        token=args.token,
     )
     if args.json:
         print_json(result.__dict__)
@@ -105,6 +115,9 @@ def run_pull(args: argparse.Namespace) -> int:
     from laplace_hub.hub import pull, split_repo_revision
 
     repo_id, revision = split_repo_revision(args.repo)
+    if args.revision is not None and revision not in (None, args.revision):
+        raise HubError(f"two revisions: {args.repo} and --revision {args.revision}; give one", location="revision")
+    revision = args.revision or revision
     artifact = pull(
         repo_id,
         revision=revision,
@@ -114,6 +127,7 @@ def run_pull(args: argparse.Namespace) -> int:
         cache_dir=args.cache_dir,
         overwrite=args.overwrite,
         timeout=args.timeout,
+        token=args.token,
     )
     summary = {
         "path": str(artifact.path),

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
 
 from laplace_hub.cli import COMMANDS, build_parser, main
+from tests.conftest import CONFORMANCE
 
 NAMES = ["demo", "compute", "validate", "inspect", "compress", "merge", "push", "pull", "find", "sweep", "continual"]
 
@@ -109,3 +111,21 @@ def test_a_misspelled_flag_gets_the_commands_usage_and_a_suggestion(capsys: pyte
         main(["compute", "smollm2", "--data", "x=stdlib:pydoc", "--out", "x", "--strcture", "kron"])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "laplace-hub compute: error" in err and "did you mean --structure?" in err
+
+
+def test_pull_takes_revision_and_token_like_hf(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    hub = tmp_path / "hub"
+    shutil.copytree(CONFORMANCE / "valid" / "weight-kron", hub / "me" / "curv")
+    assert main(["pull", "me/curv", "--hub", str(hub), "--revision", "main", "--token", "hf_x", "--json"]) == 0
+    assert main(["pull", "me/curv@v1", "--hub", str(hub), "--revision", "v2"]) == 1
+    assert "two revisions" in capsys.readouterr().err
+
+
+def test_push_takes_commit_message_and_keeps_message_with_a_note(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    hub, folder = tmp_path / "hub", CONFORMANCE / "valid" / "weight-kron"
+    assert main(["push", str(folder), "me/curv", "--hub", str(hub), "--create-repo", "--commit-message", "m"]) == 0
+    assert "deprecated" not in capsys.readouterr().err
+    assert main(["push", str(folder), "me/curv", "--hub", str(hub), "--message", "m"]) == 0
+    assert "--message is deprecated" in capsys.readouterr().err
