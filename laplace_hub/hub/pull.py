@@ -32,7 +32,9 @@ from laplace_hub.artifact.files import (
     MAX_INDEX_BYTES,
     MAX_MANIFEST_BYTES,
     check_file_name,
+    open_regular,
     parse_json,
+    regular_size,
 )
 from laplace_hub.artifact.staging import folder_lock, replace_folder, staging_folder
 from laplace_hub.errors import (
@@ -540,10 +542,14 @@ def _pull_remote(
     sha = _resolve(api, repo_id, revision, repo_dir, where)
     origin = Origin(repo_id, sha, sub)
     cached = repo_dir / "snapshots" / sha / sub if sub else repo_dir / "snapshots" / sha
-    if target is None and (constants.HF_HUB_OFFLINE or (cached / MANIFEST_NAME).exists()):
-        if not (cached / MANIFEST_NAME).exists():
-            raise HubError(f"{where} is not in the cache and the hub cannot be reached (offline?); pull it once online")
-        artifact = _open_verified(cached, where)  # a cache hit is verified like a download
+    in_cache = (cached / MANIFEST_NAME).exists()
+    if constants.HF_HUB_OFFLINE and not in_cache:
+        raise HubError(f"{where} is not in the cache and the hub cannot be reached (offline?); pull it once online")
+    if in_cache:  # a cache hit is verified like a download (and copied out of the cache for local_dir)
+        if target is None:
+            artifact = _open_verified(cached, where)
+        else:
+            artifact = _staged(target, where, origin, lambda staging: _copy_cached(cached, staging, where))
     else:
         download = _Download(api, repo_id, sha, sub, where, Deadline(where, timeout), token, endpoint)
         if target is not None:
@@ -555,6 +561,17 @@ def _pull_remote(
                 artifact.path = into_cache(staging, repo_dir, sha, sub, sorted(os.listdir(staging)), revision)
     artifact.origin = origin
     return artifact
+
+
+def _copy_cached(snapshot: Path, staging: Path, where: str) -> None:
+    """Copy the manifest and the files it lists out of the Hugging Face cache (its links lead to blobs)."""
+    with open_regular(snapshot / MANIFEST_NAME) as f:
+        raw = f.read(MAX_MANIFEST_BYTES + 1)
+    _write(staging / MANIFEST_NAME, raw)
+    for name, size in _listed_files(raw).items():
+        if regular_size(snapshot / name) is not None:  # a missing file: verification names it
+            with open_regular(snapshot / name) as f:
+                _copy_exact(os.dup(f.fileno()), size, staging / name, _at(where, name))
 
 
 def _resolve(api: Any, repo_id: str, revision: str | None, repo_dir: Path, where: str) -> str:

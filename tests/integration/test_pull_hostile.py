@@ -472,3 +472,23 @@ def test_a_manifest_listing_more_shards_than_tensors_is_refused_before_any_downl
     with pytest.raises(ArtifactError, match="lists 10002 tensor files for 3 tensors"):
         pull("me/curv", hub=server.url, cache_dir=tmp_path / "cache", local_dir=tmp_path / "local", token=TOKEN)
     nothing_left(tmp_path / "local")
+
+
+@pytest.mark.hub
+def test_offline_pull_into_local_dir_from_a_warm_cache(
+    server: HubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The air-gapped fine-tuner: pre-fetch into the cache online, then pull into a folder offline."""
+    import huggingface_hub.constants
+
+    cache, local = tmp_path / "cache", tmp_path / "local"
+    sha = commit(server, {f"laplace/{n}": d for n, d in folder_files(SHARDED).items()})
+    pull("me/curv", subfolder="laplace", hub=server.url, cache_dir=cache, token=TOKEN)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    artifact = pull("me/curv", subfolder="laplace", hub=server.url, cache_dir=cache, local_dir=local)
+    assert artifact.origin.revision == sha and artifact.path == local
+    assert all((local / n).read_bytes() == (SHARDED / n).read_bytes() for n in ARTIFACT_FILES)
+    assert not any(p.is_symlink() for p in local.iterdir())  # copies, not links into the cache
+    with pytest.raises(HubError, match="not in the cache"):
+        pull("me/other", hub=server.url, cache_dir=cache, local_dir=tmp_path / "other")
+    nothing_left(tmp_path / "other")
