@@ -88,6 +88,15 @@ def duration(seconds: float) -> str:
     return f"{hours} h {minutes:02d} min"
 
 
+@contextmanager
+def phase(desc: str) -> Iterator[None]:
+    """A step a user waits on without a count: a line when it starts, and one with its time when it ends."""
+    note(f"{desc} ...")
+    start = time.monotonic()
+    yield
+    note(f"{desc}: {duration(time.monotonic() - start)}")
+
+
 class Progress(Generic[T]):
     """An iterable that reports its progress; made by :func:`progress`."""
 

@@ -56,6 +56,7 @@ from laplace_hub.manifest import (
     required_version,
     unknown_fields,
 )
+from laplace_hub.progress import progress
 
 __all__ = ["PROVENANCE_KEY", "compress"]
 
@@ -113,7 +114,11 @@ def compress(
     target = dtype or m.dtype
     _check_dtype(m.dtype, target)
     compressor = _Compressor(artifact, rank, target)
-    modules = {name: compressor.module(name, entry) for name, entry in m.modules.items()}
+    # eigendecompositions and casts: minutes for a large artifact
+    modules = {
+        name: compressor.module(name, entry)
+        for name, entry in progress(m.modules.items(), desc="compress", unit="module")
+    }
     if rank is not None and not compressor.lowered:
         raise ArtifactError(
             f"{rank} lowers no rank of this artifact ({compressor.ranks_seen()}); compress only lowers ranks "

@@ -15,6 +15,7 @@ import difflib
 import io
 import os
 import sys
+import time
 from collections.abc import Sequence
 
 from laplace_hub import __version__
@@ -31,7 +32,7 @@ from laplace_hub.cli import (
 )
 from laplace_hub.cli._common import add_quiet, error_line, show_defaults
 from laplace_hub.errors import LaplaceHubError
-from laplace_hub.progress import bars_wanted, library_bars, quiet
+from laplace_hub.progress import bars_wanted, duration, library_bars, note, quiet
 
 COMMANDS = (
     demo_cmd,
@@ -44,6 +45,9 @@ COMMANDS = (
     sweep_cmd,
     continual_cmd,
 )
+
+
+LONG_COMMANDS = frozenset({"compute", "compress", "merge", "pull", "push", "sweep", "continual", "demo"})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,9 +86,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     for stream in (sys.stdout, sys.stderr):  # names from hostile files must not end a report midway
         if isinstance(stream, io.TextIOWrapper):
             stream.reconfigure(errors="backslashreplace")
+    start = time.monotonic()
     try:
         with quiet(args.quiet), library_bars(bars_wanted()):
-            return int(args.run(args))
+            code = int(args.run(args))
+            if args.command in LONG_COMMANDS:
+                note(f"{args.command}: done in {duration(time.monotonic() - start)}")  # the whole wall time
+            return code
     except LaplaceHubError as e:
         return _fail(f"error: {error_line(e, getattr(args, 'flags', {}))}", e)
     except KeyboardInterrupt:

@@ -8,6 +8,7 @@ from typing import Any, get_args
 
 from laplace_hub.cli._common import add_command, add_max_bytes, human_bytes, print_json
 from laplace_hub.manifest import DType
+from laplace_hub.progress import phase
 
 
 def register(sub: Any) -> None:
@@ -46,8 +47,9 @@ def run(args: argparse.Namespace) -> int:
     if args.out.exists() and not args.overwrite:  # before minutes of work, not after
         raise ArtifactError("already exists; pass `overwrite` to replace it", location=str(args.out))
     source = Artifact.open(args.path, verify_checksums=True, max_bytes=args.max_bytes)
-    small = compress(source, rank=args.rank, dtype=args.dtype, source=str(args.path))
-    saved = small.save(args.out, overwrite=args.overwrite, verify=True)
+    small = compress(source, rank=args.rank, dtype=args.dtype, source=str(args.path))  # a bar over the modules
+    with phase(f"writing and validating {args.out}"):
+        saved = small.save(args.out, overwrite=args.overwrite, verify=True)
     before, after = source.nbytes(), saved.nbytes()
     structures = sorted({b.structure for m in saved.manifest.modules.values() for b in m.blocks})
     provenance = [v for k, v in saved.manifest.software.items() if k.startswith("laplace-hub.compress")][-1]

@@ -172,7 +172,6 @@ def register(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Check everything that can be checked cheaply, then load, compute, write, validate."""
-    check_model(args.model)
     specs = [DatasetSpec.parse(d) for d in args.data]
     for spec in specs:
         check_source(spec)
@@ -202,6 +201,7 @@ def run(args: argparse.Namespace) -> int:
         raise LaplaceHubError(f"{args.out} already exists; pass --overwrite to replace it")
     if args.fsdp and args.device_map:
         raise LaplaceHubError("--fsdp and --device-map both place the model; choose one", location="fsdp")
+    check_model(args.model)  # the last cheap check: after the options, before the Hub or the disk
     init_from_env()
 
     def load() -> tuple[Any, Any]:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from laplace_hub.cli._common import add_command, print_json
+from laplace_hub.progress import phase
 
 
 def register(sub: Any) -> None:
@@ -36,10 +37,13 @@ def run(args: argparse.Namespace) -> int:
     """Open (and verify) both, merge, write atomically, report the lineage."""
     from laplace_hub.artifact import Artifact, merge
 
-    prior = Artifact.open(args.prior, verify_checksums=True)
-    new = Artifact.open(args.new, verify_checksums=True)
+    Artifact.open(args.prior), Artifact.open(args.new)  # cheap: a wrong path is one error line, before any phase
+    with phase(f"verifying {args.prior} and {args.new}"):
+        prior = Artifact.open(args.prior, verify_checksums=True)
+        new = Artifact.open(args.new, verify_checksums=True)
     merged = merge(prior, new, decay=args.decay, sources=(str(args.prior), str(args.new)))
-    saved = merged.save(args.out, overwrite=args.overwrite)
+    with phase(f"writing {args.out}"):
+        saved = merged.save(args.out, overwrite=args.overwrite)
     lineage = [entry.model_dump(mode="json") for entry in saved.manifest.lineage or []]
     if args.json:
         print_json(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -154,7 +153,6 @@ def run(args: argparse.Namespace) -> int:
         bisect_steps=args.bisect_steps if args.select == "budget" else 0,
         task_sizes=_task_sizes(args.task_sizes),
     )
-    _announce(experiment.sweep)
     outcome = run_experiment(experiment)
     if args.json:
         print_json(outcome.json())
@@ -164,20 +162,6 @@ def run(args: argparse.Namespace) -> int:
             print(f"{c.method}: {c.verdict}")
         print(f"files: {', '.join(map(str, experiment.files))}")
     return 0
-
-
-def _announce(sweep: Any) -> None:
-    """Say how many fine-tunings a sweep means before the first one starts (the defaults mean ~100)."""
-    from laplace_hub.evaluation.sweep import planned_runs
-
-    runs = len(planned_runs(sweep))
-    if runs > 6:
-        print(
-            f"sweep: {runs} fine-tuning runs of {sweep.steps} steps planned ({len(sweep.methods)} methods × "
-            f"strengths × {len(sweep.seeds)} seeds); the progress bar shows the time left after the first. "
-            "Narrow it with --methods, --strengths and --seeds.",
-            file=sys.stderr,
-        )
 
 
 def _task_sizes(text: str) -> tuple[int, int, int]:

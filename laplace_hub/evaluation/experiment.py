@@ -29,12 +29,14 @@ from laplace_hub.evaluation.sweep import (
     SweepData,
     curvature_artifacts,
     pending_runs,
+    plan_line,
     run_sweep,
     sized_splits,
     with_probes,
 )
 from laplace_hub.evaluation.tasks import Example, read_examples, task_splits
 from laplace_hub.models import load_model
+from laplace_hub.progress import note
 
 STRUCTURES = tuple(sorted(set(ARTIFACT_FOR.values())))
 # train, validation and test examples of a generated target task
@@ -115,6 +117,8 @@ def run_experiment(experiment: SweepExperiment) -> SweepOutcome:
         check_source(spec)
     if cfg.probes:
         python_license()  # the out-of-domain probe's source
+    if (line := plan_line(cfg, done)) is not None:
+        note(line)
     model, tokenizer = load_model(experiment.model, gguf_file=experiment.gguf_file)
     texts = load_texts(experiment.source, model, tokenizer, max_length=experiment.sizes.max_length)
     split, source_val, source_test = sized_splits(texts, tokenizer, experiment.sizes)

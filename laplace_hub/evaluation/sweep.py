@@ -265,6 +265,18 @@ def planned_runs(cfg: SweepConfig) -> list[tuple[str, float, int]]:
     return [(m, s, seed) for m in cfg.methods for s in OWN_GRIDS.get(m, cfg.strengths) for seed in cfg.seeds]
 
 
+def plan_line(cfg: SweepConfig, done: Sequence[Mapping[str, Any]] = ()) -> str | None:
+    """What a sweep of more than a few runs says before the first: how many fine-tunings it means."""
+    runs = len(pending_runs(cfg, done))
+    if runs <= 6:
+        return None
+    return (
+        f"sweep: {runs} fine-tuning runs of {cfg.steps} steps to do ({len(cfg.methods)} methods × strengths × "
+        f"{len(cfg.seeds)} seeds); the progress bar shows the time left after the first. "
+        "Narrow it with --methods, --strengths and --seeds."
+    )
+
+
 def pending_runs(cfg: SweepConfig, done: Sequence[Mapping[str, Any]]) -> list[tuple[str, float, int]]:
     """The planned runs that ``done`` (rows of an earlier, interrupted or narrower sweep) lacks."""
     have = {(r["method"], float(r["strength"]), r["seed"]) for r in done}

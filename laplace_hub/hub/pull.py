@@ -48,7 +48,7 @@ from laplace_hub.errors import (
 from laplace_hub.hub.download import COMMIT, Deadline, cache_folder, check_commit, fetch, into_cache
 from laplace_hub.hub.locations import endpoint_of, local_root, lock_path, repo_path
 from laplace_hub.manifest import CARD_NAME, INDEX_NAME, MANIFEST_NAME, expected_tensors, parse_manifest
-from laplace_hub.progress import note
+from laplace_hub.progress import note, phase
 
 MAX_CARD_BYTES = 2**20
 _CHUNK = 8 * 2**20
@@ -197,7 +197,8 @@ def _at(where: str, name: str) -> str:
 def _open_verified(folder: Path, where: str) -> Artifact:
     """Open ``folder`` checking every checksum and every tensor's values; errors name ``where``."""
     try:
-        return Artifact.open(folder, verify_checksums=True, check_values=True)
+        with phase(f"verifying {where} (checksums and values)"):
+            return Artifact.open(folder, verify_checksums=True, check_values=True)
     except LaplaceHubError as e:
         e.location = f"{where}: {e.location}" if e.location else where
         e.args = (f"{e.location}: {e.message}",)

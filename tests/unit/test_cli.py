@@ -131,11 +131,9 @@ def test_push_takes_commit_message_and_keeps_message_with_a_note(
     assert "--message is deprecated" in capsys.readouterr().err
 
 
-def test_a_large_sweep_says_how_many_runs_it_plans(capsys: pytest.CaptureFixture[str]) -> None:
-    from laplace_hub.cli.sweep_cmd import _announce
-    from laplace_hub.evaluation.sweep import SweepConfig, planned_runs
+def test_a_large_sweep_says_how_many_runs_it_plans() -> None:
+    from laplace_hub.evaluation.sweep import SweepConfig, pending_runs, plan_line
 
-    _announce(SweepConfig())  # the defaults
-    assert f"sweep: {len(planned_runs(SweepConfig()))} fine-tuning runs of 40 steps" in capsys.readouterr().err
-    _announce(SweepConfig(methods=("lora",), strengths=(1.0,), seeds=(0, 1)))
-    assert capsys.readouterr().err == ""
+    line = plan_line(SweepConfig())  # the defaults
+    assert line is not None and f"sweep: {len(pending_runs(SweepConfig(), []))} fine-tuning runs of 40 steps" in line
+    assert plan_line(SweepConfig(methods=("lora",), strengths=(1.0,), seeds=(0, 1))) is None
