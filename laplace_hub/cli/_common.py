@@ -30,6 +30,12 @@ def add_command(sub: Any, name: str, summary: str, examples: str) -> argparse.Ar
     return parser
 
 
+def counted(n: int, unit: str) -> str:
+    """``1 batch``, ``2 batches``, ``3 tokens``."""
+    plural = unit + ("es" if unit.endswith(("ch", "s", "x")) else "s")
+    return f"{n} {unit if n == 1 else plural}"
+
+
 def show_defaults(parser: argparse.ArgumentParser) -> None:
     """Append ``(default: …)`` to the help of every option that has a default worth saying."""
     for action in parser._actions:

@@ -14,7 +14,7 @@ import torch
 
 from laplace_hub.artifact.staging import staging_folder
 from laplace_hub.bridges.curvlinops import check_options, compute_kfac
-from laplace_hub.cli._common import add_command, byte_size, human_bytes, print_json
+from laplace_hub.cli._common import add_command, byte_size, counted, human_bytes, print_json
 from laplace_hub.data import DatasetSpec, check_source, load_texts, make_batches
 from laplace_hub.errors import LaplaceHubError
 from laplace_hub.linear import linear_shape
@@ -267,7 +267,10 @@ def run(args: argparse.Namespace) -> int:
             f"{summary['seconds']} s ({summary['tokens_per_second']} tokens/s), valid"
         )
         for d in saved.manifest.datasets:
-            print(f"  {d.name}: {d.sequences} sequences, {d.tokens} tokens, {d.batches} batches ({d.source})")
+            counts = ", ".join(
+                counted(n, unit) for n, unit in ((d.sequences, "sequence"), (d.tokens, "token"), (d.batches, "batch"))
+            )
+            print(f"  {d.name}: {counts} ({d.source})")
     return 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import math
 from collections.abc import Hashable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,6 +156,9 @@ class LaplaceRegularizer(nn.Module):
         dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__()
+        if not (isinstance(strength, (int, float)) and math.isfinite(strength) and strength >= 0):
+            # a negative λ rewards moving along the source's sharp directions: forgetting, by design
+            raise LaplaceHubError(f"must be a finite number ≥ 0, got {strength!r}", location="strength")
         self.strength = strength
         self.mode = mode
         self.dtype = dtype

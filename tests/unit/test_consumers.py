@@ -244,3 +244,10 @@ def test_penalty_in_a_chosen_dtype(base, batches, dtype: torch.dtype) -> None:
     assert penalty.dtype == dtype
     assert float(penalty) == pytest.approx(exact, rel=1e-6 if dtype == torch.float64 else 3e-2)
     penalty.backward()
+
+
+@pytest.mark.parametrize("strength", [-1.0, float("nan"), float("inf")])
+def test_a_negative_or_non_finite_strength_is_refused(base, batches, strength: float) -> None:
+    art = artifact(base, batches, structure="kron")
+    with pytest.raises(LaplaceHubError, match="strength: must be a finite number ≥ 0"):
+        LaplaceRegularizer.from_artifact(art, peft_model(base), strength=strength)
