@@ -190,7 +190,7 @@ def cli_page() -> str:
     from laplace_hub.cli import build_parser
 
     columns = os.environ.get("COLUMNS")
-    os.environ["COLUMNS"] = "100"  # argparse wraps to the terminal: the page must not depend on it
+    os.environ["COLUMNS"] = "78"  # argparse wraps to the terminal: the page must not, and must fit the column
     try:
         parser = build_parser()
         lines = [
