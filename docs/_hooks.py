@@ -20,6 +20,7 @@ import json
 import os
 import posixpath
 import re
+import textwrap
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -250,8 +251,29 @@ def _commands(parser: argparse.ArgumentParser) -> list[tuple[str, argparse.Argum
     return commands
 
 
+COLUMN = 80  # monospace characters the content column shows at 1280 px (checked with headless Chromium)
+
+
 def _help_section(parser: argparse.ArgumentParser, title: str) -> list[str]:
-    return ["", f"## `{title}`", "", "```text", parser.format_help().rstrip(), "```"]
+    lines = [part for line in parser.format_help().rstrip().splitlines() for part in _fitted(line)]
+    return ["", f"## `{title}`", "", "```text", *lines, "```"]
+
+
+def _fitted(line: str) -> list[str]:
+    """A help line cut to the column: an example command goes on after a backslash, prose wraps; both indented."""
+    if len(line) <= COLUMN:
+        return [line]
+    indent = " " * (len(line) - len(line.lstrip()))
+    command = line.lstrip().startswith(("laplace-hub", "torchrun", "--", "HF_HUB"))
+    parts = textwrap.wrap(
+        line.strip(),
+        COLUMN - len(indent) - 6,
+        initial_indent=indent,
+        subsequent_indent=indent + "    ",
+        break_on_hyphens=False,
+        break_long_words=False,
+    )
+    return [p + " \\" for p in parts[:-1]] + parts[-1:] if command else parts
 
 
 def _file(repo_path: str, config: MkDocsConfig) -> File:

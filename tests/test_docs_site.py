@@ -70,3 +70,14 @@ def test_public_names_without_a_docstring_are_found() -> None:
     hooks = _hooks()
     assert hooks.undocumented(hooks.PUBLIC_MODULES) == []
     assert set(hooks.PUBLIC_MODULES) >= {"laplace_hub", "laplace_hub.artifact", "laplace_hub.errors"}
+
+
+def test_the_cli_reference_fits_the_content_column() -> None:
+    """mkdocs-material's content column shows about 80 monospace characters at 1280 px (checked with
+    headless Chromium); argparse output wider than that was cut off on the right."""
+    hooks, inside, wide = _hooks(), False, []
+    for line in hooks.cli_page().splitlines():
+        inside ^= line.startswith("```")
+        if inside and len(line) > hooks.COLUMN:
+            wide.append(line)
+    assert not wide, wide[:5]

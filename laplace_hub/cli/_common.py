@@ -6,6 +6,7 @@ import argparse
 import json
 import re
 import sys
+import textwrap
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
@@ -22,7 +23,7 @@ def add_command(sub: Any, name: str, summary: str, examples: str) -> argparse.Ar
     parser = sub.add_parser(
         name,
         help=summary,
-        description=summary,
+        description=textwrap.fill(summary, 78),  # kept as written (the examples below must be): wrap it here
         epilog="examples:\n" + examples,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
