@@ -251,7 +251,7 @@ def _commands(parser: argparse.ArgumentParser) -> list[tuple[str, argparse.Argum
     return commands
 
 
-COLUMN = 80  # monospace characters the content column shows at 1280 px (checked with headless Chromium)
+COLUMN = 76  # monospace characters the content column shows at 1280 px (checked with headless Chromium)
 
 
 def _help_section(parser: argparse.ArgumentParser, title: str) -> list[str]:

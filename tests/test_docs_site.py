@@ -73,8 +73,8 @@ def test_public_names_without_a_docstring_are_found() -> None:
 
 
 def test_the_cli_reference_fits_the_content_column() -> None:
-    """mkdocs-material's content column shows about 80 monospace characters at 1280 px (checked with
-    headless Chromium); argparse output wider than that was cut off on the right."""
+    """The content column shows COLUMN monospace characters at 1280 px (checked with headless Chromium);
+    argparse output wider than that was cut off on the right."""
     hooks, inside, wide = _hooks(), False, []
     for line in hooks.cli_page().splitlines():
         inside ^= line.startswith("```")

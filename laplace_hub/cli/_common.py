@@ -23,7 +23,7 @@ def add_command(sub: Any, name: str, summary: str, examples: str) -> argparse.Ar
     parser = sub.add_parser(
         name,
         help=summary,
-        description=textwrap.fill(summary, 78),  # kept as written (the examples below must be): wrap it here
+        description=textwrap.fill(summary, 76),  # kept as written (the examples below must be): wrap it here
         epilog="examples:\n" + examples,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
