@@ -19,3 +19,18 @@ def test_python_examples_run(page: str, monkeypatch: pytest.MonkeyPatch) -> None
     namespace: dict[str, object] = {}  # a page's blocks run in order, as a reader would run them
     for block in blocks:
         exec(compile(block, page, "exec"), namespace)
+
+
+def test_quoted_validator_output_is_what_it_prints(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every `$ laplace-hub validate X` in docs/format.md is followed by the first line it prints now."""
+    from laplace_hub.cli import main
+
+    monkeypatch.chdir(ROOT)
+    text = (ROOT / "docs" / "format.md").read_text()
+    quoted = re.findall(r"^\$ laplace-hub (validate \S+)\n(.+)$", text, re.M)
+    assert quoted
+    for command, line in quoted:
+        main(command.split())
+        assert capsys.readouterr().out.splitlines()[0] == line
