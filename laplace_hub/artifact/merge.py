@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -206,6 +207,15 @@ def _wider(a: DType, b: DType) -> DType:
     return "float64" if "float64" in (a, b) else "float32"
 
 
+def _same_source(a: Manifest, b: Manifest) -> bool:
+    """Computed at the same weights from the same datasets: one curvature, not two tasks'."""
+    return a.base_model.fingerprint is not None and a.base_model == b.base_model and _counts(a) == _counts(b)
+
+
+def _counts(m: Manifest) -> list[tuple[int, int, int]]:
+    return [(d.sequences, d.tokens, d.batches) for d in m.datasets]
+
+
 def merge(
     prior: Artifact, new: Artifact, *, decay: float = 1.0, sources: tuple[str | None, str | None] = (None, None)
 ) -> Artifact:
@@ -224,6 +234,12 @@ def merge(
     if not 0 < decay <= 1:
         raise ArtifactError(f"decay must lie in (0, 1], got {decay}", location="decay")
     _check_compatible(prior.manifest, new.manifest)
+    if _same_source(prior.manifest, new.manifest):
+        warnings.warn(
+            "both artifacts hold curvature of the same base weights and the same data (an artifact and "
+            "its compressed copy?): the merged posterior counts that curvature twice",
+            stacklevel=2,
+        )
     dtype = _wider(prior.manifest.dtype, new.manifest.dtype)
     blocks: dict[str, list[BlockEntry]] = {name: [] for name in new.manifest.modules}
     tensors: dict[str, Tensor] = {}

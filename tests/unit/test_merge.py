@@ -19,7 +19,7 @@ from laplace_hub.manifest import BaseModelInfo
 from laplace_hub.models import select_targets
 from laplace_hub.producers import ComputeOptions, compute_artifact
 from laplace_hub.validate import validate
-from tests.conftest import run_cli, tiny_llama
+from tests.conftest import run_cli, save_tiny_artifact, tiny_llama
 
 TARGETS = "q_proj,v_proj"
 
@@ -240,3 +240,13 @@ def test_a_posterior_in_both_regulariser_modes_equals_its_dense_form() -> None:
         expected_init += float(moved @ dense.project_lora(a0, b0, m.scaling).dense() @ moved)
     torch.testing.assert_close(float(weight()), expected_weight, rtol=1e-5, atol=1e-8)
     torch.testing.assert_close(float(at_init()), expected_init, rtol=1e-5, atol=1e-8)
+
+
+def test_merging_an_artifact_with_its_compressed_copy_warns(tmp_path: Path) -> None:
+    """The same curvature twice is a user error the posterior cannot show: it is said, not silent."""
+    from laplace_hub.artifact import compress
+
+    folder = save_tiny_artifact(tiny_llama(), tmp_path / "a")
+    artifact = Artifact.open(folder)
+    with pytest.warns(UserWarning, match="counts that curvature twice"):
+        merge(artifact, compress(artifact, dtype="bfloat16"))
