@@ -1054,6 +1054,9 @@ def main() -> int:
         shutil.rmtree(out, ignore_errors=True)
         write_invalid(write_valid(out), out)
         write_penalties(out)
+        for path in out.rglob("*"):  # safetensors writes 0600 files; a vector must be readable by anyone
+            if path.is_file() and not path.is_symlink():
+                path.chmod(0o644)
     return 0
 
 

@@ -25,7 +25,7 @@ from laplace_hub.artifact.files import (
 )
 from laplace_hub.artifact.findings import Sink
 from laplace_hub.artifact.rules_files import Layout, check_files, check_tensors, read_layout
-from laplace_hub.artifact.rules_manifest import check_semantics, parse_into
+from laplace_hub.artifact.rules_manifest import check_semantics, parse_into, too_wide
 from laplace_hub.artifact.structures import Context, codec_for
 from laplace_hub.artifact.values import check_tensor
 from laplace_hub.errors import ArtifactError, LaplaceHubError
@@ -80,9 +80,11 @@ def read(
         return None
     reading = Reading(folder, manifest, expected)
     reading.layout = check_files(sink, folder, manifest, checksums, max_bytes)
+    if reading.layout.over_budget:
+        return reading
     read_layout(sink, folder, manifest, reading.layout)
     check_tensors(sink, reading.layout, expected)
-    if values:
+    if values and not too_wide(manifest):  # past the factor-side bound, the value rules are the work it prevents
         tensors = reading.tensors = DiskTensors(reading, sink)
         for key in expected:
             if reading.layout.readable(key):

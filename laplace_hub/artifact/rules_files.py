@@ -50,6 +50,7 @@ class Layout:
     usable: set[str] = field(default_factory=set)
     broken: set[str] = field(default_factory=set)
     seen: dict[str, FileIdentity] = field(default_factory=dict)  # each file as checked: later reads refuse another
+    over_budget: bool = False  # file.budget: nothing else about the files is judged (SPEC.md §8.4)
 
     def readable(self, key: str) -> bool:
         """Whether ``key`` has a file and neither it nor its file failed a rule."""
@@ -72,6 +73,7 @@ def check_files(sink: Sink, folder: Path, manifest: Manifest, checksums: bool, m
             "(raise `max_bytes` if you trust the artifact)",
         )
         layout.broken |= set(manifest.files)
+        layout.over_budget = True
         return layout
     for name, entry in manifest.files.items():
         try:

@@ -145,13 +145,29 @@ def _check_datasets(report: Sink, m: Manifest) -> None:
         report.add("manifest.datasets", "datasets", "summed datasets have weight 1: weights apply to separate datasets")
 
 
+def widest_side(m: Manifest, module: ModuleEntry) -> int:
+    """The widest dense factor a module's blocks can hold: d_out, d_in or (LoRA) the rank."""
+    return max(*module.shape, m.parameterization.rank if isinstance(m.parameterization, LoraParameterization) else 0)
+
+
+def too_wide(m: Manifest) -> bool:
+    """Whether a module has a dense factor beyond the side a validator factorises (SPEC.md §8.1)."""
+    return any(
+        widest_side(m, module) > MAX_FACTOR_SIDE and any(_has_dense_factor(b) for b in module.blocks)
+        for module in m.modules.values()
+    )
+
+
+def _has_dense_factor(block: Any) -> bool:
+    return any(isinstance(ref, FactorRef) for _, ref in block)
+
+
 def _check_module(report: Sink, m: Manifest, name: str, module: ModuleEntry) -> None:
     where = f"modules.{name}"
     lora = isinstance(m.parameterization, LoraParameterization)
     names = {d.name for d in m.datasets}
     covered: dict[str | None, set[str]] = {}
-    # a dense factor spans d_out, d_in or (LoRA) the rank: the widest bounds a validator's Cholesky
-    widest = max(*module.shape, m.parameterization.rank if isinstance(m.parameterization, LoraParameterization) else 0)
+    widest = widest_side(m, module)
     for i, block in enumerate(module.blocks):
         at = f"{where}.blocks.{i}"
         if m.datasets_combined == "summed" and block.dataset is not None:
@@ -164,7 +180,7 @@ def _check_module(report: Sink, m: Manifest, name: str, module: ModuleEntry) -> 
             )
         if codec_for(block).pair != (block.param == "lora_AB"):
             report.add("manifest.param", at, f"{_PAIRS} covers param lora_AB, and only it does")
-        if any(isinstance(ref, FactorRef) for _, ref in block) and widest > MAX_FACTOR_SIDE:
+        if _has_dense_factor(block) and widest > MAX_FACTOR_SIDE:
             report.add(
                 "manifest.factor_side",
                 at,
