@@ -16,23 +16,26 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import fcntl
 import os
 import re
 import shutil
+import sys
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; staging is then never swept (it cannot tell live from dead)
+    fcntl = None  # type: ignore[assignment]
+
 _DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
-# Staging of this and of earlier releases (8 characters, as tempfile.mkdtemp names them too).
-_STAGING = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|verify|spill|pull|push|old)-[0-9a-z_]{8,12}$")
+_STAGING = re.compile(r"^\.(?P<name>.+)\.(?P<kind>new|tmp|verify|spill|pull|push|old)-[0-9a-f]{12}$")
 _LOCK_FLAGS = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
-_libc = ctypes.CDLL(None, use_errno=True)
-_renameat2 = getattr(_libc, "renameat2", None)
+_renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None) if sys.platform.startswith("linux") else None
 
 
 @contextmanager
@@ -44,15 +47,60 @@ def staging_folder(target: Path, kind: str) -> Iterator[Path]:
     """
     target.parent.mkdir(parents=True, exist_ok=True)
     sweep(target)
-    path = target.parent / f".{target.name}.{kind}-{uuid.uuid4().hex[:12]}"
-    path.mkdir()
-    fd = os.open(path, _DIR_FLAGS)
+    fd, path = _locked_folder(target, kind)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
         yield path
     finally:
-        shutil.rmtree(path, ignore_errors=True)
+        _remove(path)
         os.close(fd)
+
+
+def _locked_folder(target: Path, kind: str) -> tuple[int, Path]:
+    """Make ``.<name>.new-<id>``, lock it, then rename it to ``.<name>.<kind>-<id>``.
+
+    A sweeper removes only an empty, unlocked ``new`` folder; should it take this one before it is
+    locked, the rename fails and a fresh one is made.
+    """
+    for _ in range(8):
+        unique = uuid.uuid4().hex[:12]
+        fresh = target.parent / f".{target.name}.new-{unique}"
+        fresh.mkdir()
+        try:
+            fd = os.open(fresh, _DIR_FLAGS)
+        except FileNotFoundError:
+            continue
+        _lock(fd, blocking=True)
+        path = target.parent / f".{target.name}.{kind}-{unique}"
+        try:
+            os.rename(fresh, path)
+        except FileNotFoundError:
+            os.close(fd)
+            continue
+        return fd, path
+    raise OSError(errno.EAGAIN, "staging folders kept vanishing (another process sweeping?)", str(target.parent))
+
+
+def _remove(path: Path) -> None:
+    """Remove what a staging path holds after a swap: the old folder, or the file or link it was."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.lexists(path):
+        path.unlink(missing_ok=True)
+
+
+def _lock(fd: int, *, blocking: bool, shared: bool = False) -> bool:
+    """``flock``; False where it is held by another (non-blocking) or the system has no locks (NFS nolock)."""
+    if fcntl is None:
+        return False
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if blocking else fcntl.LOCK_NB))
+    except BlockingIOError:
+        return False
+    except OSError as e:
+        if e.errno in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP):
+            return False
+        raise
+    return True
 
 
 def sweep(target: Path) -> None:
@@ -70,14 +118,14 @@ def sweep(target: Path) -> None:
             fd = os.open(path, _DIR_FLAGS)
         except OSError:  # a file or a link of that name: not ours
             continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:  # a live writer holds it
+        if not _lock(fd, blocking=False):  # a live writer holds it (or nothing can tell: leave it)
             os.close(fd)
             continue
         try:
             if match["kind"] == "old" and not os.path.lexists(target):
                 os.rename(path, target)
+            elif match["kind"] == "new":
+                os.rmdir(path)  # empty while it is new; a folder holding anything is not ours
             else:
                 shutil.rmtree(path, ignore_errors=True)
         except OSError:
@@ -110,7 +158,7 @@ def _exchange(first: Path, second: Path) -> bool:
     if rc == 0:
         return True
     err = ctypes.get_errno()
-    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EPERM):  # EPERM: a seccomp profile forbids it
         return False
     raise OSError(err, os.strerror(err), str(second))
 
@@ -120,7 +168,7 @@ def _replace_by_two_renames(staged: Path, target: Path) -> None:
     fd = os.open(target, _DIR_FLAGS) if target.is_dir() and not target.is_symlink() else None
     try:
         if fd is not None:  # locked aside: a sweeper leaves it alone while this writer lives
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            _lock(fd, blocking=True)
         os.rename(target, old)
         try:
             os.rename(staged, target)
@@ -149,7 +197,6 @@ def folder_lock(lock_file: Path, *, shared: bool = False) -> Iterator[bool]:
         yield False
         return
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
-        yield True
+        yield _lock(fd, blocking=True, shared=shared)
     finally:
         os.close(fd)

@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from laplace_hub.artifact import Artifact
+from laplace_hub.artifact.files import check_file_name
 from laplace_hub.artifact.staging import folder_lock, replace_folder, staging_folder
-from laplace_hub.errors import HubError, MissingExtraError
+from laplace_hub.errors import HubError, LaplaceHubError, MissingExtraError
 from laplace_hub.hub.card import build_card
 from laplace_hub.hub.locations import endpoint_of, local_root, lock_path, repo_path
 from laplace_hub.manifest import CARD_NAME, MANIFEST_NAME
@@ -86,7 +87,10 @@ def push(
     if root is not None:
         if create_pr or revision not in (None, "main"):
             raise HubError("a local hub has no branches or pull requests; drop `revision` / `create_pr`")
-        return _push_local(Path(folder), artifact, root, repo_id, sub, card, create_repo)
+        try:
+            return _push_local(Path(folder), artifact, root, repo_id, sub, card, create_repo)
+        except OSError as e:  # a full disk, permissions: one line, as pull says it
+            raise HubError(f"push to {repo_id} failed: {e.strerror or e}", location=str(e.filename or root)) from e
     return _push_remote(
         Path(folder),
         artifact,
@@ -113,6 +117,8 @@ def _push_local(
     target = repo_path(root, repo_id, sub)
     if not create_repo and not repo_path(root, repo_id).is_dir():
         raise HubError(f"no repo {repo_id} in the local hub {root}; pass `create_repo`", location=str(root))
+    if not sub:
+        _refuse_other_files(target, repo_id)
     parent = _content_id(target)  # the revision this push replaces, as create_commit's parent_commit
     with staging_folder(target, "push") as staging:
         for name in _artifact_files(artifact):
@@ -130,6 +136,31 @@ def _push_local(
             replace_folder(staging, target)
     assert sha is not None
     return PushResult(commit_url=target.resolve().as_uri(), commit_sha=sha)
+
+
+def _refuse_other_files(target: Path, repo_id: str) -> None:
+    """A push at a local repo's root replaces that folder: refuse when it holds more than an artifact."""
+    try:
+        names = os.listdir(target)
+    except FileNotFoundError:
+        return
+    others = sorted(
+        n for n in names if not n.startswith(".") and n not in (MANIFEST_NAME, CARD_NAME) and not _artifact_name(n)
+    )
+    if others:
+        raise HubError(
+            f"{repo_id} holds other files ({', '.join(others[:3])}); a push at its root would replace them: "
+            "push with --path-in-repo (e.g. laplace)",
+            location=str(target),
+        )
+
+
+def _artifact_name(name: str) -> bool:
+    try:
+        check_file_name(name, location=name)
+    except LaplaceHubError:
+        return False
+    return True
 
 
 def _content_id(folder: Path) -> str | None:
@@ -179,7 +210,9 @@ def _push_remote(
         stale = [
             path
             for path in api.list_repo_files(repo_id, revision=head)
-            if path.startswith(f"{prefix}laplace") and "/" not in path[len(prefix) :] and path not in new
+            if path.startswith(prefix)
+            and _artifact_name(path[len(prefix) :])
+            and path not in new  # not laplace_notes.md
         ]
         operations += [CommitOperationDelete(path) for path in stale]
         note(f"push {repo_id}: uploading {len(new)} file(s), {mib:.1f} MiB")

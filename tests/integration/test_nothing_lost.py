@@ -20,7 +20,7 @@ import torch
 from laplace_hub.artifact import Artifact
 from laplace_hub.cli import main
 from laplace_hub.errors import HubError
-from laplace_hub.hub import pull
+from laplace_hub.hub import pull, push
 from tests.conftest import CONFORMANCE, ROOT
 
 OLD = CONFORMANCE / "valid" / "weight-kron"
@@ -100,12 +100,14 @@ def test_the_sweep_never_touches_a_live_writers_staging(tmp_path: Path) -> None:
     stale = tmp_path / ".out.tmp-0123456789ab"  # a killed writer's: no lock
     stale.mkdir()
     (stale / "laplace.safetensors").write_bytes(b"half")
+    users = tmp_path / ".out.old-20240501"  # a user's own folder that merely looks like staging
+    users.mkdir()
     process = _spawn(HOLD_STAGING, str(target), str(done))
     try:
         assert process.stdout is not None
         live = tmp_path / process.stdout.readline().strip()
         Artifact.open(NEW).save(target)
-        assert not stale.exists() and live.is_dir()
+        assert not stale.exists() and live.is_dir() and users.is_dir()
     finally:
         done.touch()
         process.wait(timeout=HANG_GUARD_S)
@@ -187,3 +189,14 @@ def test_pull_never_replaces_a_folder_it_did_not_write(tmp_path: Path, capsys: p
     with pytest.raises(HubError, match="changed since"):
         pull("example/model", subfolder="laplace", hub=hub, local_dir=pulled)
     assert main([*args[:-1], str(pulled), "--overwrite"]) == 0
+
+
+def test_a_push_at_a_local_repos_root_never_replaces_the_repos_other_files(tmp_path: Path) -> None:
+    hub = tmp_path / "hub"
+    (hub / "me" / "m").mkdir(parents=True)
+    (hub / "me" / "m" / "config.json").write_text("{}")
+    with pytest.raises(HubError, match=r"holds other files \(config.json\).*--path-in-repo"):
+        push(NEW, "me/m", hub=hub)
+    assert (hub / "me" / "m" / "config.json").read_text() == "{}"
+    push(NEW, "me/m", hub=hub, path_in_repo="laplace")  # beside the model's files: fine
+    assert (hub / "me" / "m" / "config.json").exists()
