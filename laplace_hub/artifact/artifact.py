@@ -99,7 +99,8 @@ class Artifact:
         Args:
             path: The artifact folder.
             verify_checksums: Hash every file and compare with the manifest; the files stay mapped,
-                so the artifact reads the bytes hashed even if the folder is replaced afterwards.
+                so the artifact reads the bytes hashed even if the folder or a file is replaced
+                afterwards (not if a file is rewritten in place).
             check_values: Read every tensor now and check its values.
             max_bytes: Refuse an artifact whose manifest declares more bytes than this (before
                 hashing or mapping anything).

@@ -68,7 +68,10 @@ def hf_cache_blob(path: Path) -> Path | None:
             blobs = snapshots.parent / "blobs"
             if blobs.is_symlink() or not blobs.is_dir():
                 return None
-            target = path.resolve()
+            try:
+                target = path.resolve()
+            except (RuntimeError, OSError):  # a link loop: not a cache pointer
+                return None
             return target if target.parent == blobs.resolve() else None
     return None
 

@@ -118,7 +118,11 @@ class DiskTensors:
         return tensor
 
     def pin(self) -> None:
-        """Map every tensor file now: later reads see these bytes whatever happens to the folder."""
+        """Map every tensor file now: later reads see these bytes even if the folder or a file is replaced.
+
+        (A file rewritten in place, or truncated, under a mapping is not protected: writers of this
+        package and of the Hugging Face cache replace files, they never rewrite them.)
+        """
         for name in sorted(set(self.reading.layout.files.values())):
             try:
                 self._handle(name)

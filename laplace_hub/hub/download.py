@@ -21,7 +21,8 @@ from pathlib import Path
 from laplace_hub.errors import ChecksumError, HubError
 
 COMMIT = re.compile(r"[0-9a-f]{40}")
-_REF = re.compile(r"[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*")
+REF = re.compile(r"[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*")
+"""A branch, tag or PR ref as a cache ``refs/`` path may hold it."""
 _CHUNK = 2**20
 READ_TIMEOUT_S = 10.0  # a server silent for this long mid-file has stopped answering
 MIN_RATE = 2**18  # bytes per second every pull may count on (256 KiB/s) ...
@@ -109,6 +110,37 @@ def _stream(response: object, dest: Path, limit: int, deadline: Deadline, where:
         os.fsync(out.fileno())
 
 
+def listed_sizes(
+    endpoint: str, repo_id: str, sub: str, sha: str, token: str | bool | None, deadline: Deadline
+) -> dict[str, int] | None:
+    """The hub's listing of the artifact's folder (one page, within the deadline): file name → size.
+
+    ``None`` when the hub cannot list it (the download and the verification then decide); a listing
+    that pages further is used as far as its first page goes.
+    """
+    import httpx2 as httpx
+    from huggingface_hub import get_session
+    from huggingface_hub.utils import build_hf_headers  # type: ignore[attr-defined]
+
+    url = f"{endpoint.rstrip('/')}/api/models/{repo_id}/tree/{sha}" + (f"/{sub}" if sub else "")
+    try:
+        timeout = httpx.Timeout(min(READ_TIMEOUT_S, deadline.left()))
+        response = get_session().get(url, headers=build_hf_headers(token=token), timeout=timeout)
+        entries = response.json() if response.status_code == 200 else None
+    except (httpx.HTTPError, httpx.InvalidURL, ValueError):
+        return None
+    if not isinstance(entries, list):
+        return None
+    sizes: dict[str, int] = {}
+    for entry in entries[:100_000]:
+        if isinstance(entry, dict) and entry.get("type") == "file" and isinstance(entry.get("path"), str):
+            lfs = entry.get("lfs")
+            size = lfs.get("size") if isinstance(lfs, dict) else entry.get("size")
+            if isinstance(size, int) and not isinstance(size, bool):
+                sizes[entry["path"].rsplit("/", 1)[-1]] = size
+    return sizes
+
+
 def cache_folder(cache_dir: Path, repo_id: str) -> Path:
     """huggingface_hub's cache folder of a model repo."""
     return cache_dir / f"models--{repo_id.replace('/', '--')}"
@@ -123,15 +155,16 @@ def into_cache(staged: Path, repo_dir: Path, commit: str, sub: str, names: list[
     snapshot = repo_dir / "snapshots" / commit / sub if sub else repo_dir / "snapshots" / commit
     (repo_dir / "blobs").mkdir(parents=True, exist_ok=True)
     snapshot.mkdir(parents=True, exist_ok=True)
-    for name in names:
+    # the manifest last: a snapshot whose manifest is there is complete (a kill before leaves it unused)
+    for name in sorted(names, key=lambda n: n == "laplace.json"):
         blob = repo_dir / "blobs" / _sha256(staged / name)
-        if not blob.exists():
-            os.replace(staged / name, blob)
-        link = snapshot / name
-        link.unlink(missing_ok=True)
-        link.symlink_to(os.path.relpath(blob, snapshot))
+        os.replace(staged / name, blob)  # verified bytes, even over a blob someone else left corrupt
+        link, temporary = snapshot / name, snapshot / f".{name}.{os.getpid()}.link"
+        temporary.unlink(missing_ok=True)
+        temporary.symlink_to(os.path.relpath(blob, snapshot))
+        os.replace(temporary, link)  # two pulls at once: each replaces the link, neither finds it half-made
     ref = revision or "main"
-    if not COMMIT.fullmatch(ref) and _REF.fullmatch(ref) and ".." not in ref.split("/"):
+    if not COMMIT.fullmatch(ref) and REF.fullmatch(ref) and ".." not in ref.split("/"):
         path = repo_dir / "refs" / ref
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(commit)

@@ -45,7 +45,17 @@ from laplace_hub.errors import (
     ManifestError,
     MissingExtraError,
 )
-from laplace_hub.hub.download import COMMIT, Deadline, cache_folder, check_commit, fetch, into_cache
+from laplace_hub.hub.download import (
+    COMMIT,
+    READ_TIMEOUT_S,
+    REF,
+    Deadline,
+    cache_folder,
+    check_commit,
+    fetch,
+    into_cache,
+    listed_sizes,
+)
 from laplace_hub.hub.locations import endpoint_of, local_root, lock_path, repo_path
 from laplace_hub.manifest import CARD_NAME, INDEX_NAME, MANIFEST_NAME, expected_tensors, parse_manifest
 from laplace_hub.progress import note, phase
@@ -133,8 +143,8 @@ def pull(
             _check_target(target, overwrite)
         root = local_root(hub)
         if root is not None:
-            return _pull_local(root, repo_id, sub, revision, target)
-        return _pull_remote(repo_id, revision, sub, endpoint_of(hub), target, cache_dir, token, timeout)
+            return _pull_local(root, repo_id, sub, revision, target, overwrite)
+        return _pull_remote(repo_id, revision, sub, endpoint_of(hub), target, cache_dir, token, timeout, overwrite)
     except LaplaceHubError:
         raise
     except (OSError, RecursionError) as e:  # shutil.Error, NotADirectoryError, … are OSErrors
@@ -271,17 +281,21 @@ def _within_budget(raw: bytes, where: str) -> bool:
 # --- a local folder hub ---------------------------------------------------------------------------
 
 
-def _pull_local(root: Path, repo_id: str, sub: str, revision: str | None, target: Path | None) -> Artifact:
+def _pull_local(
+    root: Path, repo_id: str, sub: str, revision: str | None, target: Path | None, overwrite: bool
+) -> Artifact:
     if revision not in (None, "main"):
         raise HubError("a local hub has no revisions; drop @revision")
     source = repo_path(root, repo_id, sub)
     where = f"{repo_id}/{sub}" if sub else repo_id
     # shared with other readers, exclusive of a push's swap: one artifact is read, old or new
     with folder_lock(lock_path(source), shared=True):
-        return _pull_local_locked(root, source, repo_id, sub, where, target)
+        return _pull_local_locked(root, source, repo_id, sub, where, target, overwrite)
 
 
-def _pull_local_locked(root: Path, source: Path, repo_id: str, sub: str, where: str, target: Path | None) -> Artifact:
+def _pull_local_locked(
+    root: Path, source: Path, repo_id: str, sub: str, where: str, target: Path | None, overwrite: bool
+) -> Artifact:
     folder = _open_folder(root, source.relative_to(root).parts, where)
     try:
         raw = _read_manifest(folder, where, source)
@@ -294,7 +308,11 @@ def _pull_local_locked(root: Path, source: Path, repo_id: str, sub: str, where: 
             artifact = _open_verified(source, where)
         else:
             artifact = _staged(
-                target, where, origin, lambda staging: _copy_local(folder, raw, listed if fits else {}, staging, where)
+                target,
+                where,
+                origin,
+                lambda staging: _copy_local(folder, raw, listed if fits else {}, staging, where),
+                overwrite,
             )
     finally:
         os.close(folder)
@@ -455,7 +473,7 @@ def _write(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def _staged(target: Path, where: str, origin: Origin, fill: Callable[[Path], None]) -> Artifact:
+def _staged(target: Path, where: str, origin: Origin, fill: Callable[[Path], None], overwrite: bool) -> Artifact:
     """Fill a staging folder beside ``target``, verify it, record the pull, swap it in; or leave nothing.
 
     The artifact returned is the one verified: its files stay mapped, so it reads the verified
@@ -469,6 +487,7 @@ def _staged(target: Path, where: str, origin: Origin, fill: Callable[[Path], Non
             manifest_sha256 = hashlib.sha256((staging / MANIFEST_NAME).read_bytes()).hexdigest()
             record = {**vars(origin), "manifest_sha256": manifest_sha256}
             _write(staging / PULL_RECORD, (json.dumps(record, indent=2) + "\n").encode())
+            _check_target(target, overwrite)  # again: something may have appeared there while this pull ran
             replace_folder(staging, target)
     except BaseException:
         _remove_empty(created)
@@ -501,6 +520,7 @@ def _hub_errors(repo_id: str, revision: str | None, where: str) -> Iterator[None
     import httpx2
     from huggingface_hub.errors import (
         HfHubHTTPError,
+        HFValidationError,
         LocalEntryNotFoundError,
         RepositoryNotFoundError,
         RevisionNotFoundError,
@@ -511,6 +531,8 @@ def _hub_errors(repo_id: str, revision: str | None, where: str) -> Iterator[None
         yield
     except RepositoryNotFoundError as e:
         raise HubError(f"repo {repo_id} not found (or no access)") from e
+    except HFValidationError as e:
+        raise HubError(f"invalid repo id or revision: {str(e).splitlines()[0]}") from e
     except RevisionNotFoundError as e:
         raise HubError(f"revision {revision!r} not found in {repo_id}") from e
     except (RevisionResolutionError, LocalEntryNotFoundError) as e:
@@ -519,7 +541,7 @@ def _hub_errors(repo_id: str, revision: str | None, where: str) -> Iterator[None
         ) from e
     except HfHubHTTPError as e:
         raise HubError(f"pull of {where} failed: {str(e).splitlines()[0]}") from e
-    except httpx2.HTTPError as e:  # a redirect loop, a broken or silent connection
+    except (httpx2.HTTPError, httpx2.InvalidURL) as e:  # a redirect loop, a broken or silent connection, a bad URL
         raise HubError(f"pull of {where} failed: the server broke off ({type(e).__name__})") from e
 
 
@@ -532,6 +554,7 @@ def _pull_remote(
     cache_dir: str | Path | None,
     token: str | bool | None,
     timeout: float | None,
+    overwrite: bool,
 ) -> Artifact:
     try:
         from huggingface_hub import HfApi, constants
@@ -539,27 +562,35 @@ def _pull_remote(
         raise MissingExtraError("huggingface-hub", "hf") from e
     api = HfApi(endpoint=endpoint, token=token)
     where = f"{repo_id}@{revision or 'main'}" + (f"/{sub}" if sub else "")
+    if sub and any(part in ("", ".", "..") or "\\" in part for part in sub.split("/")):
+        raise HubError(f"invalid subfolder {sub!r}", location="subfolder")
     repo_dir = cache_folder(Path(cache_dir or constants.HF_HUB_CACHE), repo_id)
-    sha = _resolve(api, repo_id, revision, repo_dir, where)
+    deadline = Deadline(where, timeout)  # every request of the pull, the first included
+    sha = _resolve(api, repo_id, revision, repo_dir, where, deadline)
     origin = Origin(repo_id, sha, sub)
     cached = repo_dir / "snapshots" / sha / sub if sub else repo_dir / "snapshots" / sha
-    in_cache = (cached / MANIFEST_NAME).exists()
+    in_cache = _complete(cached)
     if constants.HF_HUB_OFFLINE and not in_cache:
         raise HubError(f"{where} is not in the cache and the hub cannot be reached (offline?); pull it once online")
     if in_cache:  # a cache hit is verified like a download (and copied out of the cache for local_dir)
         if target is None:
             artifact = _open_verified(cached, where)
         else:
-            artifact = _staged(target, where, origin, lambda staging: _copy_cached(cached, staging, where))
+            artifact = _staged(target, where, origin, lambda staging: _copy_cached(cached, staging, where), overwrite)
     else:
-        download = _Download(api, repo_id, sha, sub, where, Deadline(where, timeout), token, endpoint)
+        download = _Download(api, repo_id, sha, sub, where, deadline, token, endpoint)
         if target is not None:
-            artifact = _staged(target, where, origin, download.into)
+            artifact = _staged(target, where, origin, download.into, overwrite)
         else:
-            with staging_folder(repo_dir / "download", "pull") as staging:
-                download.into(staging)
-                artifact = _open_verified(staging, where)  # nothing enters the cache unverified
-                artifact.path = into_cache(staging, repo_dir, sha, sub, sorted(os.listdir(staging)), revision)
+            created = _make_parents(repo_dir)
+            try:
+                with staging_folder(repo_dir / "download", "pull") as staging:
+                    download.into(staging)
+                    artifact = _open_verified(staging, where)  # nothing enters the cache unverified
+                    artifact.path = into_cache(staging, repo_dir, sha, sub, sorted(os.listdir(staging)), revision)
+            except BaseException:
+                _remove_empty(created)  # a cache folder made for this pull alone goes with it
+                raise
     artifact.origin = origin
     return artifact
 
@@ -575,7 +606,17 @@ def _copy_cached(snapshot: Path, staging: Path, where: str) -> None:
                 _copy_exact(os.dup(f.fileno()), size, staging / name, _at(where, name))
 
 
-def _resolve(api: Any, repo_id: str, revision: str | None, repo_dir: Path, where: str) -> str:
+def _complete(snapshot: Path) -> bool:
+    """Whether a cached snapshot holds the manifest and every file it lists (a kill may have cut it short)."""
+    try:
+        with open_regular(snapshot / MANIFEST_NAME) as f:
+            listed = _listed_files(f.read(MAX_MANIFEST_BYTES + 1))
+        return all(regular_size(snapshot / name) is not None for name in listed)
+    except (LaplaceHubError, OSError):
+        return False
+
+
+def _resolve(api: Any, repo_id: str, revision: str | None, repo_dir: Path, where: str, deadline: Deadline) -> str:
     """The commit ``revision`` names: asked of the hub, else (offline, unreachable) from the cache's refs.
 
     Only a 40-hex answer is used, and nothing is written to the cache here: a ref is recorded once
@@ -589,15 +630,16 @@ def _resolve(api: Any, repo_id: str, revision: str | None, repo_dir: Path, where
 
         with _hub_errors(repo_id, revision, where):
             try:
-                return check_commit(str(api.repo_info(repo_id, revision=revision).sha), where)
+                info = api.repo_info(repo_id, revision=revision, timeout=min(READ_TIMEOUT_S, deadline.left()))
+                return check_commit(str(info.sha), where)
             except (httpx2.TransportError, OfflineModeIsEnabled):
                 pass  # unreachable: the cache's refs decide
     ref = revision or "main"
     if COMMIT.fullmatch(ref):
         return ref
     path = repo_dir / "refs" / ref
-    if ".." not in ref and path.is_file():
-        return check_commit(path.read_text().strip(), where)
+    if REF.fullmatch(ref) and ".." not in ref.split("/") and path.is_file():
+        return check_commit(path.read_text().strip()[:64], where)
     raise HubError(f"{where} is not in the cache and the hub cannot be reached (offline?); pull it once online")
 
 
@@ -616,8 +658,7 @@ class _Download:
 
     def into(self, staging: Path) -> None:
         """Download the artifact's files into ``staging`` (flat: the subfolder's files only)."""
-        with _hub_errors(self.repo_id, self.sha, self.where):
-            listing = _remote_sizes(self.api, self.repo_id, self.sub, self.sha)
+        listing = _remote_sizes(self.endpoint, self.repo_id, self.sub, self.sha, self.token, self.deadline)
         if listing is not None and MANIFEST_NAME not in listing:
             raise HubError(
                 f"no laplace-hub artifact at {self.where} (no {MANIFEST_NAME}); check the repo and `subfolder`"
@@ -653,23 +694,16 @@ class _Download:
         fetch(url, staging / name, limit=limit, commit=self.sha, headers=headers, deadline=self.deadline, name=name)
 
 
-def _remote_sizes(api: Any, repo_id: str, sub: str, sha: str) -> dict[str, int] | None:
+def _remote_sizes(
+    endpoint: str | None, repo_id: str, sub: str, sha: str, token: str | bool | None, deadline: Deadline
+) -> dict[str, int] | None:
     """Sizes of the files directly in the artifact's folder as the hub lists them; ``None`` if unknown.
 
     An early check only, so that a forged size is refused before anything is downloaded; offline
     or when the listing fails, the download and the verification decide.
     """
     from huggingface_hub import constants
-    from huggingface_hub.hf_api import RepoFile
 
     if constants.HF_HUB_OFFLINE:
         return None
-    try:
-        entries = list(api.list_repo_tree(repo_id, path_in_repo=sub or None, revision=sha))
-    except Exception:  # unreachable, a folder the hub cannot list, …: the download decides
-        return None
-    return {
-        e.path.rsplit("/", 1)[-1]: (e.lfs.size if e.lfs is not None else e.size)
-        for e in entries
-        if isinstance(e, RepoFile)
-    }
+    return listed_sizes(endpoint or constants.ENDPOINT, repo_id, sub, sha, token, deadline)

@@ -492,3 +492,38 @@ def test_offline_pull_into_local_dir_from_a_warm_cache(
     with pytest.raises(HubError, match="not in the cache"):
         pull("me/other", hub=server.url, cache_dir=cache, local_dir=tmp_path / "other")
     nothing_left(tmp_path / "other")
+
+
+def test_a_server_that_never_answers_ends_in_one_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """It accepts the connection and stays silent: the pull's deadline covers its very first request."""
+    import socket
+    import threading
+
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    held: list[socket.socket] = []
+    threading.Thread(target=lambda: held.append(listener.accept()[0]), daemon=True).start()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    try:
+        with pytest.raises(HubError, match="cannot be reached"):
+            pull("me/curv", hub=url, cache_dir=tmp_path / "cache", local_dir=tmp_path / "local", timeout=2)
+    finally:
+        listener.close()
+        for connection in held:
+            connection.close()
+    nothing_left(tmp_path / "local")
+
+
+@pytest.mark.hub
+def test_a_cache_snapshot_missing_a_file_is_fetched_again(server: HubServer, tmp_path: Path) -> None:
+    """A kill (or `hf download` of the manifest alone) can leave a snapshot short; it is not a cache hit."""
+    cache = tmp_path / "cache"
+    sha = commit(server, folder_files(SHARDED))
+    pull("me/curv", hub=server.url, cache_dir=cache, token=TOKEN)
+    (snapshot(cache, sha) / SHARD).unlink()
+    again = pull("me/curv", hub=server.url, cache_dir=cache, token=TOKEN)
+    assert (again.path / SHARD).read_bytes() == (SHARDED / SHARD).read_bytes()
