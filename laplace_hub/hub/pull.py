@@ -178,7 +178,7 @@ def _check_target(target: Path, overwrite: bool) -> None:
 
 
 def _pulled_here(target: Path, names: list[str]) -> bool:
-    """Whether ``target`` holds exactly what an earlier pull wrote: its record, matching its manifest."""
+    """Whether ``target`` holds exactly what an earlier pull wrote: its record, matching every file."""
     allowed = {PULL_RECORD, MANIFEST_NAME, CARD_NAME}
     if PULL_RECORD not in names or any(n not in allowed and not _artifact_file_name(n) for n in names):
         return False
@@ -189,7 +189,21 @@ def _pulled_here(target: Path, names: list[str]) -> bool:
             manifest = f.read(MAX_MANIFEST_BYTES)
     except (OSError, LaplaceHubError):
         return False
-    return isinstance(record, dict) and record.get("manifest_sha256") == hashlib.sha256(manifest).hexdigest()
+    return (
+        isinstance(record, dict)
+        and record.get("manifest_sha256") == hashlib.sha256(manifest).hexdigest()
+        and record.get("files") == _file_stamps(target)
+    )
+
+
+def _file_stamps(folder: Path) -> dict[str, list[int]]:
+    """Size and modification time of every file a pull wrote (a swap by rename keeps both)."""
+    stamps = {}
+    for name in sorted(os.listdir(folder)):
+        if name != PULL_RECORD:
+            info = os.lstat(folder / name)
+            stamps[name] = [info.st_size, info.st_mtime_ns]
+    return stamps
 
 
 def _artifact_file_name(name: str) -> bool:
@@ -305,6 +319,9 @@ def _pull_local_locked(
         if target is None:
             for name, size in listed.items():
                 _check_in_place(folder, name, size, where)
+            walked, named = os.fstat(folder), os.stat(source)
+            if (walked.st_dev, walked.st_ino) != (named.st_dev, named.st_ino):  # a link swapped in since the walk
+                raise HubError("changed while it was being opened; pull again", location=str(source))
             artifact = _open_verified(source, where)
         else:
             artifact = _staged(
@@ -485,7 +502,7 @@ def _staged(target: Path, where: str, origin: Origin, fill: Callable[[Path], Non
             fill(staging)
             artifact = _open_verified(staging, where)
             manifest_sha256 = hashlib.sha256((staging / MANIFEST_NAME).read_bytes()).hexdigest()
-            record = {**vars(origin), "manifest_sha256": manifest_sha256}
+            record = {**vars(origin), "manifest_sha256": manifest_sha256, "files": _file_stamps(staging)}
             _write(staging / PULL_RECORD, (json.dumps(record, indent=2) + "\n").encode())
             _check_target(target, overwrite)  # again: something may have appeared there while this pull ran
             replace_folder(staging, target)

@@ -189,6 +189,11 @@ def test_pull_never_replaces_a_folder_it_did_not_write(tmp_path: Path, capsys: p
     with pytest.raises(HubError, match="changed since"):
         pull("example/model", subfolder="laplace", hub=hub, local_dir=pulled)
     assert main([*args[:-1], str(pulled), "--overwrite"]) == 0
+    shard = next(p for p in pulled.iterdir() if p.suffix == ".safetensors")
+    shard.write_bytes(shard.read_bytes())  # the user rewrites a tensor file (same bytes, a new mtime)
+    os.utime(shard, ns=(0, 0))
+    with pytest.raises(HubError, match="changed since"):
+        pull("example/model", subfolder="laplace", hub=hub, local_dir=pulled)
 
 
 def test_a_push_at_a_local_repos_root_never_replaces_the_repos_other_files(tmp_path: Path) -> None:
