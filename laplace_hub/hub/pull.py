@@ -590,8 +590,13 @@ def _pull_remote(
     if constants.HF_HUB_OFFLINE and not in_cache:
         raise HubError(f"{where} is not in the cache and the hub cannot be reached (offline?); pull it once online")
     if in_cache:  # a cache hit is verified like a download (and copied out of the cache for local_dir)
-        if target is None:
+        if target is None and _holds_only_the_artifact(cached):
             artifact = _open_verified(cached, where)
+        elif target is None:  # a repo's root whose model files are cached too: verify the artifact's alone
+            with staging_folder(repo_dir / "download", "pull") as staging:
+                _copy_cached(cached, staging, where)
+                artifact = _open_verified(staging, where)  # its files stay mapped after the copy goes
+            artifact.path = cached
         else:
             artifact = _staged(target, where, origin, lambda staging: _copy_cached(cached, staging, where), overwrite)
     else:
@@ -631,6 +636,13 @@ def _complete(snapshot: Path) -> bool:
         return all(regular_size(snapshot / name) is not None for name in listed)
     except (LaplaceHubError, OSError):
         return False
+
+
+def _holds_only_the_artifact(snapshot: Path) -> bool:
+    with open_regular(snapshot / MANIFEST_NAME) as f:
+        listed = _listed_files(f.read(MAX_MANIFEST_BYTES + 1))
+    known = {MANIFEST_NAME, CARD_NAME, *listed}
+    return all(name in known or name.startswith(".") for name in os.listdir(snapshot))
 
 
 def _resolve(api: Any, repo_id: str, revision: str | None, repo_dir: Path, where: str, deadline: Deadline) -> str:

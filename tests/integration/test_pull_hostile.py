@@ -527,3 +527,18 @@ def test_a_cache_snapshot_missing_a_file_is_fetched_again(server: HubServer, tmp
     (snapshot(cache, sha) / SHARD).unlink()
     again = pull("me/curv", hub=server.url, cache_dir=cache, token=TOKEN)
     assert (again.path / SHARD).read_bytes() == (SHARDED / SHARD).read_bytes()
+
+
+@pytest.mark.hub
+def test_an_artifact_at_a_repos_root_pulls_from_the_cache_beside_the_models_files(
+    server: HubServer, tmp_path: Path
+) -> None:
+    from huggingface_hub import hf_hub_download
+
+    cache = tmp_path / "cache"
+    commit(server, {"config.json": b"{}", **folder_files(SHARDED)})
+    pull("me/curv", hub=server.url, cache_dir=cache, token=TOKEN)
+    hf_hub_download("me/curv", "config.json", cache_dir=cache, endpoint=server.url, token=TOKEN)
+    again = pull("me/curv", hub=server.url, cache_dir=cache, token=TOKEN)  # a cache hit, config.json beside it
+    module = next(iter(again.manifest.modules))
+    assert again.block(module) is not None and (again.path / "config.json").exists()
