@@ -36,13 +36,18 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 
 def check_file_name(name: str, *, location: str) -> str:
     """Accept only the spec's file names, so that no path can leave the folder."""
-    if name in (SINGLE_FILE_NAME, INDEX_NAME) or SHARD_PATTERN.match(name):
+    if is_file_name(name):
         return name
     raise UnsafePathError(
         f"file name {name!r} is not allowed (expected {SINGLE_FILE_NAME}, {INDEX_NAME} or "
         "laplace-NNNNN-of-NNNNN.safetensors)",
         location=location,
     )
+
+
+def is_file_name(name: str) -> bool:
+    """Whether ``name`` is one of the spec's file names (what :func:`check_file_name` accepts)."""
+    return name in (SINGLE_FILE_NAME, INDEX_NAME) or SHARD_PATTERN.match(name) is not None
 
 
 def shard_name(index: int, total: int) -> str:

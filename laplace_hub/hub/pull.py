@@ -31,7 +31,7 @@ from laplace_hub.artifact.files import (
     MAX_HEADER_BYTES,
     MAX_INDEX_BYTES,
     MAX_MANIFEST_BYTES,
-    check_file_name,
+    is_file_name,
     open_regular,
     parse_json,
     regular_size,
@@ -180,7 +180,7 @@ def _check_target(target: Path, overwrite: bool) -> None:
 def _pulled_here(target: Path, names: list[str]) -> bool:
     """Whether ``target`` holds exactly what an earlier pull wrote: its record, matching every file."""
     allowed = {PULL_RECORD, MANIFEST_NAME, CARD_NAME}
-    if PULL_RECORD not in names or any(n not in allowed and not _artifact_file_name(n) for n in names):
+    if PULL_RECORD not in names or any(n not in allowed and not is_file_name(n) for n in names):
         return False
     try:
         with (target / PULL_RECORD).open("rb") as f:
@@ -204,14 +204,6 @@ def _file_stamps(folder: Path) -> dict[str, list[int]]:
             info = os.lstat(folder / name)
             stamps[name] = [info.st_size, info.st_mtime_ns]
     return stamps
-
-
-def _artifact_file_name(name: str) -> bool:
-    try:
-        check_file_name(name, location=name)
-    except LaplaceHubError:
-        return False
-    return True
 
 
 def _at(where: str, name: str) -> str:
@@ -244,7 +236,7 @@ def _listed_files(raw: bytes) -> dict[str, int]:
     listed: dict[str, int] = {}
     for name, entry in files.items():
         size = entry.get("size") if isinstance(entry, dict) else None
-        if _artifact_file_name(name) and isinstance(size, int) and not isinstance(size, bool) and size >= 0:
+        if is_file_name(name) and isinstance(size, int) and not isinstance(size, bool) and size >= 0:
             listed[name] = size
     return listed
 

@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from laplace_hub.artifact import Artifact
-from laplace_hub.artifact.files import check_file_name
+from laplace_hub.artifact.files import is_file_name
 from laplace_hub.artifact.staging import folder_lock, replace_folder, staging_folder
-from laplace_hub.errors import HubError, LaplaceHubError, MissingExtraError
+from laplace_hub.errors import HubError, MissingExtraError
 from laplace_hub.hub.card import build_card
 from laplace_hub.hub.locations import endpoint_of, local_root, lock_path, repo_path
 from laplace_hub.manifest import CARD_NAME, MANIFEST_NAME
@@ -145,7 +145,7 @@ def _refuse_other_files(target: Path, repo_id: str) -> None:
     except FileNotFoundError:
         return
     others = sorted(
-        n for n in names if not n.startswith(".") and n not in (MANIFEST_NAME, CARD_NAME) and not _artifact_name(n)
+        n for n in names if not n.startswith(".") and n not in (MANIFEST_NAME, CARD_NAME) and not is_file_name(n)
     )
     if others:
         raise HubError(
@@ -153,14 +153,6 @@ def _refuse_other_files(target: Path, repo_id: str) -> None:
             "push with --path-in-repo (e.g. laplace)",
             location=str(target),
         )
-
-
-def _artifact_name(name: str) -> bool:
-    try:
-        check_file_name(name, location=name)
-    except LaplaceHubError:
-        return False
-    return True
 
 
 def _content_id(folder: Path) -> str | None:
@@ -210,9 +202,7 @@ def _push_remote(
         stale = [
             path
             for path in api.list_repo_files(repo_id, revision=head)
-            if path.startswith(prefix)
-            and _artifact_name(path[len(prefix) :])
-            and path not in new  # not laplace_notes.md
+            if path.startswith(prefix) and is_file_name(path[len(prefix) :]) and path not in new  # not laplace_notes.md
         ]
         operations += [CommitOperationDelete(path) for path in stale]
         note(f"push {repo_id}: uploading {len(new)} file(s), {mib:.1f} MiB")
