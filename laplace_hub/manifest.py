@@ -353,6 +353,10 @@ class Manifest(_Model):
     license: str | None = Field(default=None, max_length=128)
     lineage: list[LineageEntry] | None = Field(default=None, min_length=1, max_length=256)
 
+    def file_bytes(self) -> int:
+        """The bytes of the listed files (headers and index included): what a pull downloads."""
+        return sum(entry.size for entry in self.files.values())
+
 
 INTRODUCED_IN = {
     **{

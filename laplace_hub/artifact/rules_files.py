@@ -64,7 +64,7 @@ def check_files(sink: Sink, folder: Path, manifest: Manifest, checksums: bool, m
     names what is wrong inside), but no value of it is read.
     """
     layout = Layout()
-    declared = sum(entry.size for entry in manifest.files.values())
+    declared = manifest.file_bytes()
     if declared > max_bytes:
         sink.add(
             "file.budget",

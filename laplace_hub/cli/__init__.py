@@ -68,10 +68,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
-    """Parse; a flag the command does not know is refused by the command's own parser, with a suggestion."""
+    """Parse; an unknown command or flag is refused with a suggestion (a flag by the command's own parser)."""
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    words = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")]
+    if words and words[0] not in commands.choices:
+        close = difflib.get_close_matches(words[0], list(commands.choices), n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        parser.error(f"unknown command {words[0]!r}{hint}; run `laplace-hub --help` for the list")
     args, unknown = parser.parse_known_args(argv)
     if unknown:
-        commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
         command = commands.choices[args.command]
         flags = [s for action in command._actions for s in action.option_strings]
         close = difflib.get_close_matches(unknown[0].split("=")[0], flags, n=1)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any
 
 from laplace_hub.cli._common import add_command, human_bytes, print_json
@@ -22,13 +23,13 @@ def register(sub: Any) -> None:
     p = add_command(
         sub,
         "push",
-        "Validate an artifact and publish it, with a model card, as one commit.",
-        "  laplace-hub push ./artifact me/smollm2-laplace --create-repo\n"
-        "  laplace-hub push ./artifact HuggingFaceTB/SmolLM2-135M-Instruct --path-in-repo laplace --create-pr\n"
-        "  laplace-hub push ./artifact me/curvature --hub ./local-hub --create-repo --json",
+        "Validate an artifact and publish it, with a model card, as one commit (arguments as `hf upload`).",
+        "  laplace-hub push me/smollm2-laplace ./artifact --create-repo\n"
+        "  laplace-hub push HuggingFaceTB/SmolLM2-135M-Instruct ./artifact --path-in-repo laplace --create-pr\n"
+        "  laplace-hub push me/curvature ./artifact --hub ./local-hub --create-repo --json",
     )
-    p.add_argument("folder", help="the artifact folder")
     p.add_argument("repo_id", help="owner/name")
+    p.add_argument("folder", help="the artifact folder")
     p.add_argument("--hub", help=HUB_HELP)
     p.add_argument("--path-in-repo", default="", help="subfolder in the repo, e.g. laplace")
     p.add_argument("--revision", help="branch to commit to (default main)")
@@ -88,6 +89,12 @@ def run_push(args: argparse.Namespace) -> int:
     """Push and print the commit URL and sha."""
     from laplace_hub.hub import push
 
+    if Path(args.repo_id).is_dir() and not Path(args.folder).is_dir():  # before 0.2: push FOLDER REPO
+        args.folder, args.repo_id = args.repo_id, args.folder
+        print(
+            "note: `push FOLDER REPO` is deprecated and goes in 0.3; use `push REPO FOLDER` (as `hf upload`)",
+            file=sys.stderr,
+        )
     if args.old_message:
         print("note: --message is deprecated and goes in 0.3; use --commit-message (as `hf upload`)", file=sys.stderr)
     result = push(

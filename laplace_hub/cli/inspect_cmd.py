@@ -52,7 +52,7 @@ def summarize(artifact: Artifact, base_model_parameters: int | None = None) -> d
     """
     m = artifact.manifest
     sizes = artifact.nbytes_by_module()
-    total = sum(sizes.values())
+    tensors = sum(sizes.values())
     covered = BF16_BYTES * sum(module.shape[0] * module.shape[1] for module in m.modules.values())
     base = None if base_model_parameters is None else BF16_BYTES * base_model_parameters
     return {
@@ -73,11 +73,12 @@ def summarize(artifact: Artifact, base_model_parameters: int | None = None) -> d
             }
             for name, module in m.modules.items()
         },
-        "total_bytes": total,
+        "total_bytes": m.file_bytes(),  # as `find` and the model card count: what a pull downloads
+        "tensor_bytes": tensors,
         "covered_weights_bf16_bytes": covered,
-        "ratio_to_covered_weights_bf16": total / covered,
+        "ratio_to_covered_weights_bf16": tensors / covered,
         "base_model_bf16_bytes": base,
-        "ratio_to_base_model_bf16": None if base is None else total / base,
+        "ratio_to_base_model_bf16": None if base is None else tensors / base,
         "files": {name: entry.size for name, entry in m.files.items()},
         "software": m.software,
         "license": m.license,

@@ -35,7 +35,7 @@ def card_metadata(artifact: Artifact) -> dict[str, Any]:
             "estimator": m.estimator.kind,
             "normalization": m.normalization,
             "modules": len(m.modules),
-            "total_bytes": artifact.nbytes(),
+            "total_bytes": m.file_bytes(),
             "datasets": [{"name": d.name, "sequences": d.sequences, "tokens": d.tokens} for d in m.datasets],
         },
     }

@@ -33,7 +33,7 @@ def _from_manifest(raw: dict[str, Any], repo_id: str, subfolder: str, modified: 
     m = parse_manifest(raw)
     structures = sorted({b.structure for module in m.modules.values() for b in module.blocks})
     kind = "lora" if isinstance(m.parameterization, LoraParameterization) else "weight"
-    return FoundArtifact(repo_id, subfolder, structures, kind, sum(f.size for f in m.files.values()), modified)
+    return FoundArtifact(repo_id, subfolder, structures, kind, m.file_bytes(), modified)
 
 
 def find(base_model: str, *, hub: str | Path | None = None, token: str | bool | None = None) -> list[FoundArtifact]:

@@ -273,7 +273,7 @@ def _within_budget(raw: bytes, where: str) -> bool:
         )
     index_bytes = MAX_INDEX_BYTES if INDEX_NAME in manifest.files else 0
     budget = tensor_bytes + len(tensor_files) * (8 + MAX_HEADER_BYTES) + index_bytes
-    declared = sum(entry.size for entry in manifest.files.values())
+    declared = manifest.file_bytes()
     if declared > budget:
         raise ArtifactError(
             f"the manifest declares {declared} bytes of files, more than its tensors can need ({budget}); "

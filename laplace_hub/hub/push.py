@@ -190,7 +190,7 @@ def _push_remote(
         CommitOperationAdd(f"{prefix}{name}", str(folder / name)) for name in _artifact_files(artifact)
     ]
     operations.append(CommitOperationAdd(f"{prefix}{CARD_NAME}", card.encode()))
-    mib = sum(file.size for file in artifact.manifest.files.values()) / 2**20
+    mib = artifact.manifest.file_bytes() / 2**20
     try:
         if create_repo:
             api.create_repo(repo_id, private=private, exist_ok=True)

@@ -259,7 +259,7 @@ def test_inspect_json_summarises() -> None:
     summary = json.loads(result.stdout)
     assert [d["name"] for d in summary["datasets"]] == ["docs", "code"]
     assert summary["estimator"] == {"kind": "mc", "mc_samples": 2, "seed": 0}
-    assert summary["total_bytes"] > 0
+    assert summary["total_bytes"] == sum(summary["files"].values()) > summary["tensor_bytes"] > 0
 
 
 def test_checked_in_schema_is_not_stale() -> None:

@@ -64,7 +64,7 @@ def same_files(a: Path, b: Path) -> bool:
 
 
 def test_push_then_pull_by_branch_and_sha_bit_identical(server: HubServer, tmp_path: Path) -> None:
-    pushed = cli(server, tmp_path / "p", "push", str(VECTOR), "me/curv", "--create-repo", "--json")
+    pushed = cli(server, tmp_path / "p", "push", "me/curv", str(VECTOR), "--create-repo", "--json")
     assert pushed.returncode == 0, pushed.stderr
     sha = json.loads(pushed.stdout)["commit_sha"]
     assert len(server.state.repos["me/curv"].commits) == 2  # the initial commit and exactly one more
@@ -96,7 +96,7 @@ def test_push_into_subfolder_of_a_model_repo_keeps_its_files(server: HubServer, 
         commit_message="model",
     )
     before = dict(server.state.resolve(server.state.repos["example/model"], "main").files)
-    result = cli(server, tmp_path, "push", str(VECTOR), "example/model", "--path-in-repo", "laplace")
+    result = cli(server, tmp_path, "push", "example/model", str(VECTOR), "--path-in-repo", "laplace")
     assert result.returncode == 0, result.stderr
     after = server.state.resolve(server.state.repos["example/model"], "main").files
     assert all(after[path] == entry for path, entry in before.items())
@@ -108,10 +108,10 @@ def test_push_into_subfolder_of_a_model_repo_keeps_its_files(server: HubServer, 
 
 
 def test_push_as_pull_request_leaves_main_alone(server: HubServer, tmp_path: Path) -> None:
-    assert cli(server, tmp_path, "push", str(VECTOR), "me/curv", "--create-repo").returncode == 0
+    assert cli(server, tmp_path, "push", "me/curv", str(VECTOR), "--create-repo").returncode == 0
     main = server.state.repos["me/curv"].refs["main"]
     result = cli(
-        server, tmp_path, "push", str(CONFORMANCE / "valid" / "weight-diag"), "me/curv", "--create-pr", "--json"
+        server, tmp_path, "push", "me/curv", str(CONFORMANCE / "valid" / "weight-diag"), "--create-pr", "--json"
     )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["pr_url"].endswith("/discussions/1")
@@ -121,7 +121,7 @@ def test_push_as_pull_request_leaves_main_alone(server: HubServer, tmp_path: Pat
 
 
 def test_invalid_artifact_is_refused_before_any_upload(server: HubServer, tmp_path: Path) -> None:
-    result = cli(server, tmp_path, "push", str(CONFORMANCE / "invalid" / "nan"), "me/curv", "--create-repo")
+    result = cli(server, tmp_path, "push", "me/curv", str(CONFORMANCE / "invalid" / "nan"), "--create-repo")
     assert result.returncode == 1 and "value.non_finite" in result.stderr
     assert "me/curv" not in server.state.repos
 
@@ -171,15 +171,15 @@ def test_bad_remote_artifacts_fail_cleanly(server: HubServer, tmp_path: Path, da
 
 def test_unknown_repo_and_revision(server: HubServer, tmp_path: Path) -> None:
     assert "not found" in cli(server, tmp_path, "pull", "me/nothing").stderr
-    cli(server, tmp_path, "push", str(VECTOR), "me/curv", "--create-repo")
+    cli(server, tmp_path, "push", "me/curv", str(VECTOR), "--create-repo")
     result = cli(server, tmp_path, "pull", "me/curv@no-such-branch")
     assert result.returncode == 1 and "no-such-branch" in result.stderr
-    result = cli(server, tmp_path, "push", str(VECTOR), "me/other")
+    result = cli(server, tmp_path, "push", "me/other", str(VECTOR))
     assert result.returncode == 1 and "--create-repo" in result.stderr
 
 
 def test_two_processes_pull_the_same_artifact_at_once(server: HubServer, tmp_path: Path) -> None:
-    assert cli(server, tmp_path, "push", str(VECTOR), "me/curv", "--create-repo").returncode == 0
+    assert cli(server, tmp_path, "push", "me/curv", str(VECTOR), "--create-repo").returncode == 0
     env = {**os.environ, "HF_ENDPOINT": server.url, "HF_HOME": str(tmp_path / "shared"), "HF_HUB_OFFLINE": "0"}
     procs = [
         subprocess.Popen(
@@ -243,7 +243,15 @@ def test_local_folder_hub_push_pull_find(tmp_path: Path) -> None:
         )
     from laplace_hub.hub import find
 
-    assert [(f.repo_id, f.subfolder) for f in find("example/model", hub=hub)] == [("me/curv", "")]
+    found = find("example/model", hub=hub)
+    assert [(f.repo_id, f.subfolder) for f in found] == [("me/curv", "")]
+    from laplace_hub.cli.inspect_cmd import summarize
+
+    assert (
+        found[0].total_bytes
+        == summarize(Artifact.open(VECTOR))["total_bytes"]
+        == sum(f.stat().st_size for f in VECTOR.iterdir() if f.name != "laplace.json")
+    )
     with pytest.raises(HubError, match="invalid repo id"):
         pull("../../etc", hub=hub)
 

@@ -127,7 +127,7 @@ def meet_then_lock(*args, **kwargs):  # both have read the parent and staged the
         time.sleep(0.02)
     return real_lock(*args, **kwargs)
 push_module.folder_lock = meet_then_lock
-sys.exit(main(["push", source, "me/curv", "--hub", hub]))
+sys.exit(main(["push", "me/curv", source, "--hub", hub]))
 """
 
 
@@ -157,7 +157,7 @@ def test_a_pull_keeps_reading_what_it_verified_while_a_push_replaces_the_folder(
     module = next(iter(pulled.manifest.modules))
     before = pulled.block(module, dtype=torch.float64).dense()
     pushed = _python(
-        "import sys; from laplace_hub.cli import main; sys.exit(main(['push', sys.argv[1], 'me/curv', '--hub', "
+        "import sys; from laplace_hub.cli import main; sys.exit(main(['push', 'me/curv', sys.argv[1], '--hub', "
         "sys.argv[2]]))",
         str(CONFORMANCE / "valid" / "weight-kron-sharded"),
         str(hub),

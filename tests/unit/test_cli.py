@@ -38,7 +38,7 @@ def test_bad_flag_is_a_usage_error(name: str, capsys: pytest.CaptureFixture[str]
     ("argv", "message"),
     [
         (["pull", "me/x", "--hub", "{tmp}/nothing"], "the local hub is not a readable folder"),
-        (["push", "{tmp}", "me/x", "--hub", "{tmp}/hub"], "no manifest"),
+        (["push", "me/x", "{tmp}", "--hub", "{tmp}/hub"], "no manifest"),
         (["sweep", "smollm2", "--source", "x=y.txt", "--methods", "bogus", "--out", "{tmp}/s"], "Invalid method"),
         (
             ["compute", "smollm2", "--data", "x=stdlib:pydoc", "--out", "{tmp}/a", "--structure", "kron_tridiag"],
@@ -125,10 +125,18 @@ def test_push_takes_commit_message_and_keeps_message_with_a_note(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     hub, folder = tmp_path / "hub", CONFORMANCE / "valid" / "weight-kron"
-    assert main(["push", str(folder), "me/curv", "--hub", str(hub), "--create-repo", "--commit-message", "m"]) == 0
+    assert main(["push", "me/curv", str(folder), "--hub", str(hub), "--create-repo", "--commit-message", "m"]) == 0
     assert "deprecated" not in capsys.readouterr().err
-    assert main(["push", str(folder), "me/curv", "--hub", str(hub), "--message", "m"]) == 0
-    assert "--message is deprecated" in capsys.readouterr().err
+    assert main(["push", str(folder), "me/curv", "--hub", str(hub), "--message", "m"]) == 0  # the order before 0.2
+    err = capsys.readouterr().err
+    assert "--message is deprecated" in err and "`push FOLDER REPO` is deprecated" in err
+
+
+def test_a_misspelled_command_gets_a_suggestion(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["-q", "valdate", "./artifact"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "unknown command 'valdate' (did you mean validate?)" in err
 
 
 def test_a_large_sweep_says_how_many_runs_it_plans() -> None:

@@ -344,7 +344,7 @@ def test_inspect_reports_bytes_against_the_covered_weights(capsys: pytest.Captur
     summary = json.loads(capsys.readouterr().out)
     covered = 2 * sum(m["shape"][0] * m["shape"][1] for m in summary["modules"].values())
     assert summary["covered_weights_bf16_bytes"] == covered
-    assert summary["ratio_to_covered_weights_bf16"] == summary["total_bytes"] / covered
+    assert summary["ratio_to_covered_weights_bf16"] == summary["tensor_bytes"] / covered
     assert summary["base_model_bf16_bytes"] is None and summary["ratio_to_base_model_bf16"] is None
 
 
@@ -361,6 +361,6 @@ def test_inspect_with_a_model_counts_its_parameters_from_the_config(
     )
     summary = json.loads(capsys.readouterr().out)
     assert summary["base_model_bf16_bytes"] == 2 * parameters
-    assert summary["ratio_to_base_model_bf16"] == summary["total_bytes"] / (2 * parameters)
+    assert summary["ratio_to_base_model_bf16"] == summary["tensor_bytes"] / (2 * parameters)
     assert main(["inspect", str(CONFORMANCE / "valid" / "weight-kron"), "--model", str(tmp_path / "model")]) == 0
     assert "the whole base model at bf16" in capsys.readouterr().out
