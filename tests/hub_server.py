@@ -68,6 +68,7 @@ class HubState:
         # downloads "etag", "commit" (X-Repo-Commit), "content_length", "truncate", "drip" (seconds per
         # byte, 40 bytes), "redirect_loop".
         self.lies: dict[str, Any] = {}
+        self.served: list[tuple[str, int]] = []  # (path, bytes sent) of each file download, ranges included
 
     def create(self, repo_id: str, private: bool = False) -> Repo:
         repo = Repo(repo_id, private)
@@ -319,8 +320,17 @@ class Handler(BaseHTTPRequestHandler):
         body = self.state.blobs[entry.sha256]
         if self.state.lies:
             self._lie(body, headers)
-        else:
+            return
+        wanted = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
+        if wanted is None:
+            self.state.served.append((unquote(path), len(body)))
             self._send(200, body, headers, "application/octet-stream")
+            return
+        start, end = int(wanted[1]), min(int(wanted[2] or len(body) - 1), len(body) - 1)
+        part = body[start : end + 1]
+        self.state.served.append((unquote(path), len(part)))
+        headers["Content-Range"] = f"bytes {start}-{start + len(part) - 1}/{len(body)}"
+        self._send(206, part, headers, "application/octet-stream")
 
     def _lie(self, body: bytes, headers: dict[str, str]) -> None:
         lies = self.state.lies

@@ -50,11 +50,13 @@ from laplace_hub.hub.download import (
     READ_TIMEOUT_S,
     REF,
     Deadline,
+    Listed,
     cache_folder,
     check_commit,
     fetch,
+    fetch_header,
     into_cache,
-    listed_sizes,
+    list_folder,
 )
 from laplace_hub.hub.locations import endpoint_of, local_root, lock_path, repo_path
 from laplace_hub.manifest import CARD_NAME, INDEX_NAME, MANIFEST_NAME, expected_tensors, parse_manifest
@@ -221,7 +223,7 @@ def _open_verified(folder: Path, where: str) -> Artifact:
         raise
 
 
-def _listed_files(raw: bytes) -> dict[str, int]:
+def listed_files(raw: bytes) -> dict[str, int]:
     """The manifest's ``files`` (name → declared size), read leniently: only well-formed entries.
 
     This decides what to copy, nothing more; verification reports whatever is malformed.
@@ -241,7 +243,7 @@ def _listed_files(raw: bytes) -> dict[str, int]:
     return listed
 
 
-def _within_budget(raw: bytes, where: str) -> bool:
+def within_budget(raw: bytes, where: str) -> bool:
     """Refuse files larger in all than the tensors the manifest declares can need, before reading any.
 
     Each tensor file holds only referenced tensors plus a bounded header, so the declared sizes
@@ -305,8 +307,8 @@ def _pull_local_locked(
     folder = _open_folder(root, source.relative_to(root).parts, where)
     try:
         raw = _read_manifest(folder, where, source)
-        listed = _listed_files(raw)
-        fits = _within_budget(raw, where)
+        listed = listed_files(raw)
+        fits = within_budget(raw, where)
         origin = Origin(repo_id, hashlib.sha256(raw).hexdigest(), sub)
         if target is None:
             for name, size in listed.items():
@@ -524,7 +526,7 @@ def _remove_empty(created: list[Path]) -> None:
 
 
 @contextmanager
-def _hub_errors(repo_id: str, revision: str | None, where: str) -> Iterator[None]:
+def hub_errors(repo_id: str, revision: str | None, where: str) -> Iterator[None]:
     """huggingface_hub's errors as one-line :class:`HubError` s."""
     import httpx2
     from huggingface_hub.errors import (
@@ -575,7 +577,7 @@ def _pull_remote(
         raise HubError(f"invalid subfolder {sub!r}", location="subfolder")
     repo_dir = cache_folder(Path(cache_dir or constants.HF_HUB_CACHE), repo_id)
     deadline = Deadline(where, timeout)  # every request of the pull, the first included
-    sha = _resolve(api, repo_id, revision, repo_dir, where, deadline)
+    sha = resolve_commit(api, repo_id, revision, repo_dir, where, deadline)
     origin = Origin(repo_id, sha, sub)
     cached = repo_dir / "snapshots" / sha / sub if sub else repo_dir / "snapshots" / sha
     in_cache = _complete(cached)
@@ -592,7 +594,7 @@ def _pull_remote(
         else:
             artifact = _staged(target, where, origin, lambda staging: _copy_cached(cached, staging, where), overwrite)
     else:
-        download = _Download(api, repo_id, sha, sub, where, deadline, token, endpoint)
+        download = Download(repo_id, sha, sub, where, deadline, token, endpoint)
         if target is not None:
             artifact = _staged(target, where, origin, download.into, overwrite)
         else:
@@ -614,7 +616,7 @@ def _copy_cached(snapshot: Path, staging: Path, where: str) -> None:
     with open_regular(snapshot / MANIFEST_NAME) as f:
         raw = f.read(MAX_MANIFEST_BYTES + 1)
     _write(staging / MANIFEST_NAME, raw)
-    for name, size in _listed_files(raw).items():
+    for name, size in listed_files(raw).items():
         if regular_size(snapshot / name) is not None:  # a missing file: verification names it
             with open_regular(snapshot / name) as f:
                 _copy_exact(os.dup(f.fileno()), size, staging / name, _at(where, name))
@@ -624,7 +626,7 @@ def _complete(snapshot: Path) -> bool:
     """Whether a cached snapshot holds the manifest and every file it lists (a kill may have cut it short)."""
     try:
         with open_regular(snapshot / MANIFEST_NAME) as f:
-            listed = _listed_files(f.read(MAX_MANIFEST_BYTES + 1))
+            listed = listed_files(f.read(MAX_MANIFEST_BYTES + 1))
         return all(regular_size(snapshot / name) is not None for name in listed)
     except (LaplaceHubError, OSError):
         return False
@@ -632,12 +634,12 @@ def _complete(snapshot: Path) -> bool:
 
 def _holds_only_the_artifact(snapshot: Path) -> bool:
     with open_regular(snapshot / MANIFEST_NAME) as f:
-        listed = _listed_files(f.read(MAX_MANIFEST_BYTES + 1))
+        listed = listed_files(f.read(MAX_MANIFEST_BYTES + 1))
     known = {MANIFEST_NAME, CARD_NAME, *listed}
     return all(name in known or name.startswith(".") for name in os.listdir(snapshot))
 
 
-def _resolve(api: Any, repo_id: str, revision: str | None, repo_dir: Path, where: str, deadline: Deadline) -> str:
+def resolve_commit(api: Any, repo_id: str, revision: str | None, repo_dir: Path, where: str, deadline: Deadline) -> str:
     """The commit ``revision`` names: asked of the hub, else (offline, unreachable) from the cache's refs.
 
     Only a 40-hex answer is used, and nothing is written to the cache here: a ref is recorded once
@@ -649,7 +651,7 @@ def _resolve(api: Any, repo_id: str, revision: str | None, repo_dir: Path, where
     if not constants.HF_HUB_OFFLINE:
         import httpx2
 
-        with _hub_errors(repo_id, revision, where):
+        with hub_errors(repo_id, revision, where):
             try:
                 info = api.repo_info(repo_id, revision=revision, timeout=min(READ_TIMEOUT_S, deadline.left()))
                 return check_commit(str(info.sha), where)
@@ -665,10 +667,9 @@ def _resolve(api: Any, repo_id: str, revision: str | None, repo_dir: Path, where
 
 
 @dataclass
-class _Download:
+class Download:
     """The manifest first, its budget and sizes checked, then exactly the files it lists."""
 
-    api: Any
     repo_id: str
     sha: str
     sub: str
@@ -679,45 +680,66 @@ class _Download:
 
     def into(self, staging: Path) -> None:
         """Download the artifact's files into ``staging`` (flat: the subfolder's files only)."""
-        listing = _remote_sizes(self.endpoint, self.repo_id, self.sub, self.sha, self.token, self.deadline)
+        wanted, _, fits = self.plan(staging)
+        if wanted and fits:
+            total = sum(wanted.values())
+            self.deadline.expect(total)
+            note(f"pull {self.where}: downloading {len(wanted)} file(s), {total / 2**20:.1f} MiB, then verifying them")
+            for name, size in wanted.items():
+                self.fetch(name, size, staging)
+
+    def plan(self, staging: Path) -> tuple[dict[str, int], dict[str, Listed] | None, bool]:
+        """Fetch the manifest into ``staging``; what the manifest lists and the hub has (name → size), and more.
+
+        Also returns the hub's listing and whether the manifest parses with sizes that fit its
+        tensors (else a pull fetches nothing more). A size the hub lists otherwise than the
+        manifest is refused here, before any download; a listed file the hub lacks is left to
+        verification to name.
+        """
+        listing = _remote_listing(self.endpoint, self.repo_id, self.sub, self.sha, self.token, self.deadline)
         if listing is not None and MANIFEST_NAME not in listing:
             raise HubError(
-                f"no laplace-hub artifact at {self.where} (no {MANIFEST_NAME}); check the repo and `subfolder`"
+                f"no laplace-hub artifact at {self.where} (no {MANIFEST_NAME}); check the repo and `subfolder`",
+                code="manifest.missing",
             )
-        self._fetch(MANIFEST_NAME, MAX_MANIFEST_BYTES, staging)
+        self.fetch(MANIFEST_NAME, MAX_MANIFEST_BYTES, staging)
         raw = (staging / MANIFEST_NAME).read_bytes()
-        listed = _listed_files(raw)
-        if not _within_budget(raw, self.where):
-            return
+        listed = listed_files(raw)
+        fits = within_budget(raw, self.where)
         for name, size in listed.items():
-            listed_size = None if listing is None else listing.get(name)
-            if listed_size is not None and listed_size != size:
+            on_hub = None if listing is None or name not in listing else listing[name].size
+            if on_hub is not None and on_hub != size:
                 raise ChecksumError(
-                    f"is {listed_size} bytes on the hub, the manifest says {size}; not downloaded",
+                    f"is {on_hub} bytes on the hub, the manifest says {size}; not downloaded",
                     location=_at(self.where, name),
                     code="file.size",
                 )
-        wanted = [name for name in listed if listing is None or name in listing]  # absent: verification names it
-        if wanted:
-            total = sum(listed[name] for name in wanted)
-            self.deadline.expect(total)
-            note(f"pull {self.where}: downloading {len(wanted)} file(s), {total / 2**20:.1f} MiB, then verifying them")
-        for name in wanted:
-            self._fetch(name, listed[name], staging)
+        return {name: size for name, size in listed.items() if listing is None or name in listing}, listing, fits
 
-    def _fetch(self, name: str, limit: int, staging: Path) -> None:
+    def fetch(self, name: str, limit: int, staging: Path) -> None:
+        """Download one file of the artifact's folder into ``staging``, at most ``limit`` bytes."""
+        fetch(self._url(name), staging / name, **self._request(name), limit=limit)
+
+    def header(self, name: str, size: int) -> bytes:
+        """The safetensors header of one tensor file of ``size`` bytes, by a range request."""
+        return fetch_header(self._url(name), **self._request(name), size=size)
+
+    def _url(self, name: str) -> str:
         from huggingface_hub import hf_hub_url
-        from huggingface_hub.utils import build_hf_headers  # type: ignore[attr-defined]
 
         path = f"{self.sub}/{name}" if self.sub else name
-        url = hf_hub_url(self.repo_id, path, revision=self.sha, endpoint=self.endpoint)
+        return hf_hub_url(self.repo_id, path, revision=self.sha, endpoint=self.endpoint)
+
+    def _request(self, name: str) -> dict[str, Any]:
+        from huggingface_hub.utils import build_hf_headers  # type: ignore[attr-defined]
+
         headers = build_hf_headers(token=self.token)
-        fetch(url, staging / name, limit=limit, commit=self.sha, headers=headers, deadline=self.deadline, name=name)
+        return {"commit": self.sha, "headers": headers, "deadline": self.deadline, "name": name}
 
 
-def _remote_sizes(
+def _remote_listing(
     endpoint: str | None, repo_id: str, sub: str, sha: str, token: str | bool | None, deadline: Deadline
-) -> dict[str, int] | None:
+) -> dict[str, Listed] | None:
     """Sizes of the files directly in the artifact's folder as the hub lists them; ``None`` if unknown.
 
     An early check only, so that a forged size is refused before anything is downloaded; offline
@@ -727,4 +749,4 @@ def _remote_sizes(
 
     if constants.HF_HUB_OFFLINE:
         return None
-    return listed_sizes(endpoint or constants.ENDPOINT, repo_id, sub, sha, token, deadline)
+    return list_folder(endpoint or constants.ENDPOINT, repo_id, sub, sha, token, deadline)
