@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -58,9 +59,10 @@ def register(sub: Any) -> None:
     )
     p.add_argument(
         "--methods",
-        default="lora,l2,diag,diag_lowrank,kron,kron_eig,lora_init,mtt,milora,flat_lora,migu",
+        default="lora,l2,diag,diag_lowrank,kron,kron_eig,lora_diag,mtt,milora,flat_lora,migu",
         help="lora (none), l2, diag, diag_lowrank, kron, kron_eig (weight-space LaLoRA), kron_eig_sketch (kron_eig "
-        "from one-pass sketches), lora_init (the paper's), "
+        "from one-pass sketches), the paper's forms on the LoRA weights at each seed's init: lora_diag (DIAG; "
+        "lora_init before 0.2), lora_kron (B-K-FAC), lora_tridiag (B-TRI-K-FAC); "
         "mtt (Mask-the-Target, own KL-weight grid 0.1,1,10), milora, flat_lora (own ρ grid 0.01,0.05,0.1), "
         "migu (own t grid .25,.5,.75)",
     )
@@ -95,7 +97,8 @@ def register(sub: Any) -> None:
         "--select",
         choices=["grid", "budget"],
         default="grid",
-        help="grid: choose among --strengths; budget: then bisect (in log λ) towards the largest λ whose "
+        help="grid: choose among --strengths; budget: then bisect every method's knob (λ, Mask-the-Target's "
+        "KL weight, Flat-LoRA's ρ, MIGU's t; in log scale) towards the most protective value whose "
         "validation target EM stays within --tolerance of plain LoRA's",
     )
     p.add_argument("--bisect-steps", type=int, default=3, help="bisection steps per method for --select budget")
@@ -121,13 +124,16 @@ def run(args: argparse.Namespace) -> int:
     from laplace_hub.evaluation.report import table
     from laplace_hub.evaluation.sweep import SourceSizes, SweepConfig
 
+    methods = parse_list(args.methods, str, "--methods")
+    if "lora_init" in methods:
+        print("note: --methods lora_init is now lora_diag (the name goes in 0.3)", file=sys.stderr)
     experiment = SweepExperiment(
         model=args.model,
         gguf_file=args.gguf_file,
         source=DatasetSpec.parse(args.source),
         out=args.out,
         sweep=SweepConfig(
-            methods=parse_list(args.methods, str, "--methods"),
+            methods=methods,
             strengths=parse_list(args.strengths, float, "--strengths"),
             seeds=parse_list(args.seeds, int, "--seeds"),
             targets=args.targets,

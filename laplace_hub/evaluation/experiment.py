@@ -23,7 +23,8 @@ from laplace_hub.evaluation.probes import python_license
 from laplace_hub.evaluation.report import pareto_plot, read_rows, write_json, write_rows
 from laplace_hub.evaluation.sweep import (
     ARTIFACT_FOR,
-    OWN_GRIDS,
+    LOOSER_AS_KNOB_GROWS,
+    NO_KNOB,
     SourceSizes,
     SweepConfig,
     SweepData,
@@ -141,7 +142,7 @@ def run_experiment(experiment: SweepExperiment) -> SweepOutcome:
     for _ in range(experiment.bisect_steps):
         points = bisection_points(summarize(rows), cfg, experiment.tolerance)
         for method, strength in points.items():
-            rows = sweep(dataclasses.replace(cfg, methods=(method,), strengths=(strength,)), rows)
+            rows = sweep(dataclasses.replace(cfg, methods=(method,), strengths=(strength,), grids={}), rows)
     summary = summarize(rows)
     outcome = SweepOutcome(summary, choose(summary, experiment.priority, experiment.tolerance, experiment.budget))
     write_rows(rows, runs_csv)
@@ -172,25 +173,29 @@ def curvature_data(
 
 
 def bisection_points(summary: Sequence[Mapping[str, Any]], cfg: SweepConfig, tolerance: float) -> dict[str, float]:
-    """Per regularised method, the next λ to try: the geometric middle of the bracket around the boundary.
+    """Per method with a knob, the next value to try: the geometric middle of the bracket around the boundary.
 
-    The bracket is the largest strength tried whose validation target EM is within ``tolerance`` of
-    plain LoRA's and the smallest larger strength tried; methods with a bracket at the grid's end
-    (every strength matched, or none) or without a penalty strength have no point.
+    Every knob is tuned alike (λ, Mask-the-Target's KL weight, Flat-LoRA's ρ, MIGU's t): the
+    bracket is the most protective value tried whose validation target EM is within ``tolerance``
+    of plain LoRA's and the next more protective one tried; a bracket at the grid's end (every
+    value matched, or none) has no point, and neither have methods without a knob.
     """
     lora = next((s for s in summary if s["method"] == "lora"), None)
     if lora is None:
         raise LaplaceHubError("bisection needs plain LoRA's runs: add lora to --methods", location="methods")
     points = {}
     for method in cfg.methods:
-        if method in OWN_GRIDS:
+        if method in NO_KNOB:
             continue
-        tried = sorted((s["strength"], s["val_target_em"]) for s in summary if s["method"] == method)
-        matched = [strength for strength, em in tried if em >= lora["val_target_em"] - tolerance]
-        if not matched or matched[-1] == tried[-1][0]:
+        # from the least to the most protective value tried
+        tried = sorted(
+            ((s["strength"], s["val_target_em"]) for s in summary if s["method"] == method),
+            reverse=method in LOOSER_AS_KNOB_GROWS,
+        )
+        matched = [i for i, (_, em) in enumerate(tried) if em >= lora["val_target_em"] - tolerance]
+        if not matched or matched[-1] == len(tried) - 1:
             continue
-        low = matched[-1]
-        high = min(strength for strength, _ in tried if strength > low)
+        low, high = tried[matched[-1]][0], tried[matched[-1] + 1][0]
         points[method] = float(f"{math.sqrt(low * high):.3g}")
     return points
 

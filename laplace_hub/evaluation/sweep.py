@@ -14,12 +14,12 @@ import random
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
 from laplace_hub.artifact import Artifact
-from laplace_hub.consumers import LaplaceRegularizer, MaskTheTarget, regularized_loss
+from laplace_hub.consumers import LaplaceRegularizer, MaskTheTarget, apply_lora_init, regularized_loss
 from laplace_hub.data import Batch, make_batches, pydoc_texts
 from laplace_hub.errors import DataError, LaplaceHubError
 from laplace_hub.evaluation.baselines import MIGU, FlatLoRA, milora_init
@@ -33,19 +33,23 @@ from laplace_hub.progress import progress
 
 # methods that read the weight-space artifact of the structure they are named after
 STRUCTURE_METHODS = ("diag", "diag_lowrank", "kron", "kron_eig")
+# the paper's LaLoRA forms (DIAG, B-K-FAC, B-TRI-K-FAC): a lora-parameterised artifact of each structure,
+# computed at the adapter's own rank, targets and init (one per seed), regularising A − A₀ and B − B₀
+PAPER_FORMS = {"lora_diag": "diag", "lora_kron": "kron", "lora_tridiag": "kron_tridiag"}
+ALIASES = {"lora_init": "lora_diag"}  # the name before 0.2
 METHODS = (
     "lora",
     "l2",
     *STRUCTURE_METHODS,
     "kron_eig_sketch",  # a kron_eig artifact computed in one pass from sketches of the factors
-    "lora_init",
+    *PAPER_FORMS,
     "mtt",
     "milora",
     "flat_lora",
     "migu",
 )
 """The methods a sweep compares: plain ``lora``, ``l2``, LaLoRA with each weight-space structure,
-the paper's LoRA-init form (``lora_init``) and the baselines Mask-the-Target, MiLoRA, Flat-LoRA and MIGU."""
+the paper's three forms on the LoRA weights and the baselines Mask-the-Target, MiLoRA, Flat-LoRA and MIGU."""
 # methods whose knob is not a penalty strength sweep their own grid: Flat-LoRA's ρ, MIGU's fraction t
 OWN_GRIDS = {
     "lora": (0.0,),
@@ -54,8 +58,15 @@ OWN_GRIDS = {
     "flat_lora": (0.01, 0.05, 0.1),
     "migu": (0.25, 0.5, 0.75),
 }
-# which weight-space artifact each method reads; lora_init is the paper's LaLoRA (diag at the init)
-ARTIFACT_FOR = {**{m: m for m in STRUCTURE_METHODS}, "kron_eig_sketch": "kron_eig_sketch", "lora_init": "diag"}
+NO_KNOB = ("lora", "milora")
+LOOSER_AS_KNOB_GROWS = ("migu",)  # MIGU's t is the fraction of rows that learn: more t, less protection
+# which weight-space artifact each method reads
+ARTIFACT_FOR = {**{m: m for m in STRUCTURE_METHODS}, "kron_eig_sketch": "kron_eig_sketch"}
+
+
+def paper_key(method: str, seed: int) -> str:
+    """The artifacts mapping's key of a paper form's artifact for one seed (its LoRA init)."""
+    return f"{method}@{seed}"
 
 
 @dataclass(frozen=True)
@@ -79,6 +90,11 @@ class SweepConfig:
     check_fingerprint: bool = True
     probes: bool = True
     probe_sizes: ProbeSizes = field(default_factory=ProbeSizes)
+    grids: Mapping[str, tuple[float, ...]] = field(default_factory=lambda: dict(OWN_GRIDS))
+    """Methods that sweep their own knob's grid instead of ``strengths`` (a bisection step clears it)."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "methods", tuple(dict.fromkeys(ALIASES.get(m, m) for m in self.methods)))
 
     def check(self) -> None:
         """Refuse unknown methods and empty grids."""
@@ -166,7 +182,11 @@ def pydoc_splits(tokenizer: Any, sizes: SourceSizes, seed: int = 0) -> tuple[lis
 
 
 def curvature_artifacts(model: Any, data: SweepData, cfg: SweepConfig) -> dict[str, Artifact]:
-    """The weight-space artifacts the methods need, computed once on the curvature split."""
+    """The artifacts the methods need, computed on the curvature split.
+
+    Each weight-space one once, each paper form's once per seed (at that seed's LoRA init, keyed
+    by :func:`paper_key`).
+    """
     options = {
         "diag": ComputeOptions(structure="diag"),
         "diag_lowrank": ComputeOptions(structure="diag_lowrank", lowrank_rank=cfg.lowrank_rank),
@@ -174,23 +194,40 @@ def curvature_artifacts(model: Any, data: SweepData, cfg: SweepConfig) -> dict[s
         "kron_eig": ComputeOptions(structure="kron", eig_rank=cfg.eig_rank),
         "kron_eig_sketch": ComputeOptions(structure="kron", eig_rank=cfg.eig_rank, eig_sketch=True),
     }
-    needed = {ARTIFACT_FOR[m] for m in cfg.methods if m in ARTIFACT_FOR}
+    needed = {ARTIFACT_FOR[m]: options[ARTIFACT_FOR[m]] for m in cfg.methods if m in ARTIFACT_FOR}
+    for method in (m for m in cfg.methods if m in PAPER_FORMS):
+        for seed in cfg.seeds:
+            needed[paper_key(method, seed)] = ComputeOptions(
+                structure=PAPER_FORMS[method],  # type: ignore[arg-type]
+                parameterization="lora",
+                lora_rank=cfg.lora_rank,
+                lora_alpha=2 * cfg.lora_rank,  # as finetune's LoraConfig
+                seed=seed,
+            )
     targets = select_targets(model, cfg.targets)
     info = BaseModelInfo(repo_id=getattr(model.config, "name_or_path", "") or "model")
     return {
-        name: compute_artifact(model, {"source": data.source_curvature}, targets, options[name], info)
+        name: compute_artifact(model, {"source": data.source_curvature}, targets, needed[name], info)
         for name in sorted(needed)
     }
 
 
-def _regularizer(method: str, strength: float, model: Any, artifacts: Mapping[str, Artifact], cfg: SweepConfig) -> Any:
-    if method not in ARTIFACT_FOR and method != "l2":
-        return None
+def regularizer_for(
+    method: str, strength: float, model: Any, artifacts: Mapping[str, Artifact], cfg: SweepConfig, seed: int
+) -> LaplaceRegularizer | None:
+    """The method's penalty on a fresh PEFT ``model`` (a paper form first sets the adapter to its artifact's init)."""
     if method == "l2":
         return LaplaceRegularizer.identity(model, strength=strength)
-    mode: Literal["weight", "lora_init"] = "lora_init" if method == "lora_init" else "weight"
+    if method in PAPER_FORMS:
+        artifact = artifacts[paper_key(method, seed)]
+        apply_lora_init(model, artifact)
+        return LaplaceRegularizer.from_artifact(
+            artifact, model, strength=strength, mode="lora_init", check_fingerprint=cfg.check_fingerprint
+        )
+    if method not in ARTIFACT_FOR:
+        return None
     return LaplaceRegularizer.from_artifact(
-        artifacts[ARTIFACT_FOR[method]], model, strength=strength, mode=mode, check_fingerprint=cfg.check_fingerprint
+        artifacts[ARTIFACT_FOR[method]], model, strength=strength, check_fingerprint=cfg.check_fingerprint
     )
 
 
@@ -213,7 +250,7 @@ def finetune(
     model = get_peft_model(copy.deepcopy(base), config)
     if method == "milora":
         milora_init(model)
-    reg = _regularizer(method, strength, model, artifacts, cfg)
+    reg = regularizer_for(method, strength, model, artifacts, cfg, seed)
     mask_the_target = MaskTheTarget(model, strength) if method == "mtt" else None
     flat = FlatLoRA(model, strength, seed) if method == "flat_lora" else None
     migu = MIGU(model, strength) if method == "migu" else None
@@ -262,7 +299,7 @@ def evaluate(model: Any, tokenizer: Any, data: SweepData) -> dict[str, Any]:
 
 def planned_runs(cfg: SweepConfig) -> list[tuple[str, float, int]]:
     """Every (method, strength, seed) of the grid; methods with their own knob use their own grid."""
-    return [(m, s, seed) for m in cfg.methods for s in OWN_GRIDS.get(m, cfg.strengths) for seed in cfg.seeds]
+    return [(m, s, seed) for m in cfg.methods for s in cfg.grids.get(m, cfg.strengths) for seed in cfg.seeds]
 
 
 def plan_line(cfg: SweepConfig, done: Sequence[Mapping[str, Any]] = ()) -> str | None:

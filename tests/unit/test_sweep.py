@@ -111,6 +111,78 @@ def test_bisection_brackets_the_largest_matched_strength() -> None:
     assert bisection_points(summary, cfg, tolerance=0.01) == {"kron": 17.8}  # √(10·31.6), 3 digits
 
 
+def test_every_knob_is_bisected_alike_in_its_own_direction() -> None:
+    from laplace_hub.evaluation.experiment import bisection_points
+
+    def entry(method: str, strength: float, em: float) -> dict:
+        return {"method": method, "strength": strength, "val_target_em": em}
+
+    cfg = SweepConfig(methods=("lora", "milora", "mtt", "flat_lora", "migu"))
+    summary = [entry("lora", 0.0, 0.10), entry("milora", 0.0, 0.0)]
+    summary += [entry("mtt", 0.1, 0.10), entry("mtt", 1.0, 0.05), entry("mtt", 10.0, 0.0)]
+    summary += [entry("flat_lora", 0.01, 0.10), entry("flat_lora", 0.05, 0.10), entry("flat_lora", 0.1, 0.02)]
+    # MIGU's t is the fraction that learns: the small t protects most
+    summary += [entry("migu", 0.25, 0.05), entry("migu", 0.5, 0.099), entry("migu", 0.75, 0.10)]
+    assert bisection_points(summary, cfg, tolerance=0.01) == {"mtt": 0.316, "flat_lora": 0.0707, "migu": 0.354}
+    step = SweepConfig(methods=("mtt",), strengths=(0.316,), seeds=(0,), grids={})
+    assert planned_runs(step) == [("mtt", 0.316, 0)]  # a bisection step runs its point, not the own grid
+
+
+@pytest.mark.parametrize("method", ["lora_diag", "lora_kron", "lora_tridiag"])
+def test_the_papers_forms_regularise_the_lora_weights_by_their_dense_precision(method: str) -> None:
+    import copy
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from laplace_hub.consumers import adapted_modules
+    from laplace_hub.evaluation.sweep import PAPER_FORMS, curvature_artifacts, regularizer_for
+
+    base = tiny_llama()
+    cfg = SweepConfig(methods=(method,), seeds=(0, 1), targets="q_proj,v_proj", lora_rank=2)
+    artifacts = curvature_artifacts(base, data(), cfg)
+    assert sorted(artifacts) == [f"{method}@0", f"{method}@1"]
+    inits = []
+    for seed in cfg.seeds:
+        artifact = artifacts[f"{method}@{seed}"]
+        assert artifact.manifest.parameterization.kind == "lora" and artifact.manifest.parameterization.rank == 2
+        assert {b.structure for m in artifact.manifest.modules.values() for b in m.blocks} == {PAPER_FORMS[method]}
+        config = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+        model = get_peft_model(copy.deepcopy(base), config).double()
+        reg = regularizer_for(method, 3.0, model, artifacts, cfg, seed)
+        modules = list(adapted_modules(model))
+        inits.append(modules[0].lora_a.detach().clone())
+        gen = torch.Generator().manual_seed(seed)
+        expected = torch.zeros((), dtype=torch.float64)
+        with torch.no_grad():
+            for m in modules:
+                a0, b0 = (t.double() for t in artifact.lora_init(m.name))
+                torch.testing.assert_close(m.lora_a.detach(), a0)  # the adapter starts at the artifact's init
+                m.lora_a.add_(torch.randn(m.lora_a.shape, generator=gen, dtype=torch.float64))
+                m.lora_b.add_(torch.randn(m.lora_b.shape, generator=gen, dtype=torch.float64))
+                delta = torch.cat([(m.lora_a - a0).flatten(), (m.lora_b - b0).flatten()])
+                expected += delta @ artifact.block(m.name, dtype=torch.float64).dense() @ delta
+        torch.testing.assert_close(reg().double(), 0.5 * 3.0 * expected, rtol=1e-5, atol=1e-8)
+    assert not torch.equal(inits[0], inits[1])  # each seed its own init, its own artifact
+
+
+def test_at_peft_init_the_a_and_cross_blocks_vanish_so_tridiag_is_block_kfac() -> None:
+    """B₀ = 0 makes every gradient in A zero at the init: B-TRI-K-FAC adds nothing to B-K-FAC there."""
+    import torch
+
+    from laplace_hub.evaluation.sweep import curvature_artifacts
+
+    base = tiny_llama()
+    cfg = SweepConfig(methods=("lora_kron", "lora_tridiag"), seeds=(0,), targets="q_proj", lora_rank=2)
+    artifacts = curvature_artifacts(base, data(), cfg)
+    for name in artifacts["lora_kron@0"].manifest.modules:
+        kron, tridiag = (artifacts[f"{m}@0"].block(name, dtype=torch.float64).dense() for m in cfg.methods)
+        size_a = 2 * artifacts["lora_kron@0"].manifest.modules[name].shape[1]
+        assert torch.count_nonzero(tridiag[:size_a]) == 0 and torch.count_nonzero(tridiag[:, :size_a]) == 0
+        assert torch.count_nonzero(tridiag[size_a:, size_a:]) > 0
+        torch.testing.assert_close(kron, tridiag)
+
+
 def test_curvature_from_other_data_pools_the_split_with_each_dataset_cut_to_its_size(tmp_path: Path) -> None:
     from laplace_hub.data import DatasetSpec
     from laplace_hub.evaluation.experiment import SweepExperiment, curvature_data
