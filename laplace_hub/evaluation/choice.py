@@ -49,7 +49,25 @@ def summarize(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     references = {name: groups.get((name, 0.0), []) for name in ("lora", "base")}
     for entry in summary:
         _add_intervals(entry, groups[(entry["method"], entry["strength"])], references)
+        _add_forgetting(entry)
     return summary
+
+
+FORGETTING = "forgetting"
+"""PEFT's MetaMathQA benchmark's forgetting: the mean per-token loss on held-out general text after
+fine-tuning minus before (``wiki_loss_after - wiki_loss_before``), here on the out-of-domain probe,
+with its paired interval. PEFT's code compares each position's logits with the token at that same
+position; this is the next-token loss its docstring describes (docs/results.md says more)."""
+
+
+def _add_forgetting(entry: dict[str, Any]) -> None:
+    if entry["method"] == "base" and "ood_nll" in entry:
+        entry[FORGETTING], entry[f"{FORGETTING}_std"], entry[f"{FORGETTING}_ci"] = 0.0, 0.0, [0.0, 0.0]
+    elif (versus := entry.get("ood_nll_vs_base")) is not None:
+        entry[FORGETTING], entry[f"{FORGETTING}_ci"] = versus["difference"], [versus["low"], versus["high"]]
+        entry[f"{FORGETTING}_std"] = entry.get("ood_nll_std", 0.0)
+        if "ood_nll_vs_lora" in entry:  # the base cancels: the same paired test against LoRA
+            entry[f"{FORGETTING}_vs_lora"] = entry["ood_nll_vs_lora"]
 
 
 INTERVAL_METRICS = tuple(f"test_{m}" for m in METRICS) + PROBE_METRICS

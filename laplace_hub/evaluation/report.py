@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from laplace_hub.errors import DataError, MissingExtraError
+from laplace_hub.evaluation.choice import FORGETTING
 from laplace_hub.evaluation.metrics import EXAMPLES, Scores
 from laplace_hub.evaluation.probes import PROBE_LABELS, PROBE_METRICS
 
@@ -71,7 +72,8 @@ def table(summary: Sequence[Mapping[str, Any]]) -> str:
     width = max(10, *(len(s["method"]) for s in summary))
     columns = {"test_target_em": "target EM (test)", "test_source_nll": "source NLL (test)"}
     columns |= {"test_source_accuracy": "source acc (test)"}
-    columns_probes = {m: PROBE_LABELS[m] for m in PROBE_METRICS if all(m in s for s in summary)}
+    probes = {**PROBE_LABELS, FORGETTING: "forgetting (PEFT)"}
+    columns_probes = {m: probes[m] for m in (*PROBE_METRICS, FORGETTING) if all(m in s for s in summary)}
     lines = []
     for title, shown in (("", columns), ("forgetting probes", columns_probes)):
         if not shown:
@@ -98,7 +100,7 @@ def _run(s: Mapping[str, Any], width: int) -> str:
 
 
 def _cell(s: Mapping[str, Any], key: str) -> str:
-    digits = 4 if key.endswith(("_nll", "_accuracy")) else 3
+    digits = 4 if key.endswith(("_nll", "_accuracy", FORGETTING)) else 3
     if f"{key}_ci" not in s:
         return f"{s[key]:.{digits}f} ± {s[f'{key}_std']:.{digits}f}"
     low, high = s[f"{key}_ci"]

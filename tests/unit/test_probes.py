@@ -214,7 +214,7 @@ def test_a_sweep_reports_every_probe_in_rows_csv_json_table_and_plot(tmp_path: P
     assert all({*PROBE_METRICS, *(f"{m}_std" for m in PROBE_METRICS)} <= set(s) for s in saved["summary"])
     assert set(saved["choices"][0]["probes"]) == set(PROBE_METRICS)
     text = table(summary)
-    assert "forgetting probes" in text and "behaviour NLL" in text
+    assert "forgetting probes" in text and "behaviour NLL" in text and "forgetting (PEFT)" in text
     assert len(text.splitlines()) == 2 * (1 + 3) + 1 + 2  # two tables, a blank line, the intervals' legend
     pareto_plot(summary, tmp_path / "pareto.png", "tiny")
     assert (tmp_path / "pareto.png").stat().st_size > 10_000
@@ -227,3 +227,35 @@ def test_a_sweep_reports_every_probe_in_rows_csv_json_table_and_plot(tmp_path: P
     # resuming them with the probes on scores the base model's row on the probes too
     resumed = run_sweep(model, Words(), probed, cfg, {}, done=mixed)
     assert resumed[1:] == mixed[1:] and resumed[0]["near_nll"] == rows[0]["near_nll"]
+
+
+def test_forgetting_is_pefts_mean_per_token_loss_after_minus_before() -> None:
+    """PEFT's MetaMathQA benchmark: every token's loss on general text pooled, after minus before."""
+    import torch.nn.functional as F
+
+    model = lively_llama().float()
+    cfg = SweepConfig(methods=("lora",), seeds=(0, 1), steps=3, batch_size=4, targets="q_proj,v_proj", lr=0.05)
+    probed = with_probes(data(), model, Words(), SweepConfig(probe_sizes=SIZES))
+    rows = run_sweep(model, Words(), probed, cfg, {})
+    (lora,) = [s for s in summarize(rows) if s["method"] == "lora"]
+
+    def mean_token_loss(m: torch.nn.Module) -> float:  # brute force: each next-token loss, pooled
+        losses = []
+        for batch in probed.probes.ood:
+            logits = m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            targets = batch["labels"][:, 1:]
+            token = F.cross_entropy(logits[:, :-1].flatten(0, 1), targets.flatten(), reduction="none")
+            losses += token[targets.flatten() != -100].tolist()
+        return sum(losses) / len(losses)
+
+    from laplace_hub.evaluation.sweep import finetune
+
+    tuned = [finetune(model, Words(), probed.train, "lora", 0.0, {}, cfg, s)[0] for s in cfg.seeds]
+    with torch.no_grad():
+        before = mean_token_loss(model)
+        after = [mean_token_loss(m) for m in tuned]
+    expected = sum(a - before for a in after) / len(after)  # equal token counts per seed: the pooled mean
+    assert abs(expected) > 1e-4  # the fine-tuning moved the loss
+    assert lora["forgetting"] == pytest.approx(expected, rel=1e-4, abs=1e-6)
+    low, high = lora["forgetting_ci"]
+    assert low <= lora["forgetting"] <= high
