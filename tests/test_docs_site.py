@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -25,16 +26,23 @@ def _hooks() -> ModuleType:
     return module
 
 
-def test_strict_build(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    site = tmp_path_factory.mktemp("site")
     env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
     done = subprocess.run(
-        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path)],
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site)],
         cwd=ROOT,
         env=env,
         capture_output=True,
         text=True,
         timeout=600,
     )
+    return site, done
+
+
+def test_strict_build(built: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
+    tmp_path, done = built
     assert done.returncode == 0, done.stdout + done.stderr
     spec = (tmp_path / "spec" / "SPEC" / "index.html").read_text(encoding="utf-8")
     assert "MUST" in spec and 'href="../manifest-1.3.schema.json"' in spec
@@ -81,3 +89,23 @@ def test_the_cli_reference_fits_the_content_column() -> None:
         if inside and len(line) > hooks.COLUMN:
             wide.append(line)
     assert not wide, wide[:5]
+
+
+@pytest.mark.slow
+def test_nothing_in_the_content_column_scrolls_sideways_in_a_browser(
+    built: tuple[Path, subprocess.CompletedProcess[str]],
+) -> None:
+    """Every page at 1280 and 1024 px in headless Chromium (the Debian package; skipped without it)."""
+    if shutil.which("chromium") is None:
+        pytest.skip("headless Chromium is not installed (apt-get install chromium)")
+    site, done = built
+    assert done.returncode == 0
+    for width in ("1280", "1024"):
+        checked = subprocess.run(
+            [sys.executable, str(ROOT / "scripts" / "check_site_layout.py"), str(site), "--width", width],
+            capture_output=True,
+            text=True,
+            timeout=1200,
+        )
+        assert checked.returncode == 0, checked.stdout + checked.stderr
+        assert f"0 overflowing element(s) at {width} px" in checked.stderr
