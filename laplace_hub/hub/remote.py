@@ -40,8 +40,8 @@ class RemoteReport(Report):
     def reach(self) -> str:
         """One line on what the check read and could confirm."""
         return (
-            f"read {self.bytes_read} bytes of commit {self.revision}; {self.checksums_confirmed} of {self.files} "
-            "file checksums confirmed by the hub; values are verified when you pull"
+            f"checked from {self.bytes_read} bytes of commit {self.revision}; {self.checksums_confirmed} of "
+            f"{self.files} file checksums confirmed by the hub; values are verified when you pull"
         )
 
     def to_json(self) -> dict[str, Any]:
