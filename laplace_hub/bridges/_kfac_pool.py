@@ -1,7 +1,8 @@
-"""Pooling curvlinops K-FAC operators into the spec's sums, and the artifact they make (SPEC.md §6).
+"""Pooling K-FAC sums into the spec's factors, and the artifact they make (SPEC.md §6).
 
-The operators come from :mod:`laplace_hub.bridges.curvlinops`, the one module that imports
-curvlinops; this one only reads their (3.0.x) fields.
+The sums come from curvlinops operators (:mod:`laplace_hub.bridges.curvlinops`, the one module
+that imports curvlinops; this one only reads their 3.0.x fields) or from Kronfluence's factor
+files (:mod:`laplace_hub.bridges.kronfluence`).
 """
 
 from __future__ import annotations
@@ -192,8 +193,12 @@ def build(
     packed: bool,
     eig_rank: int | None,
     license: str | None,
+    provenance: tuple[str, str] | None = None,
 ) -> Artifact:
-    """The artifact of the pools: their blocks, the dataset records, the fingerprint."""
+    """The artifact of the pools: their blocks, the dataset records, the fingerprint.
+
+    ``provenance``: the software key and text that say where the sums came from (default: curvlinops').
+    """
     first = next(iter(pools.values()))
     for pool in pools.values():
         same = (pool.kfac_approx, pool.fisher_type, pool.mc_samples) == (
@@ -239,7 +244,10 @@ def build(
         datasets=infos,
         datasets_combined="separate" if per_dataset else "summed",
         license=license,
-        software={**software_versions(), PROVENANCE_KEY: f"KFACLinearOperator, fisher_type {first.fisher_type}"},
+        software={
+            **software_versions(),
+            **dict([provenance or (PROVENANCE_KEY, f"KFACLinearOperator, fisher_type {first.fisher_type}")]),
+        },
     )
 
 
