@@ -7,6 +7,7 @@ from typing import Any
 
 from laplace_hub.artifact.findings import Report
 from laplace_hub.cli._common import add_command, add_max_bytes, print_json
+from laplace_hub.progress import phase
 from laplace_hub.validate import validate
 
 
@@ -52,13 +53,15 @@ def run(args: argparse.Namespace) -> int:
             from laplace_hub.models import linear_shapes
 
             shapes = linear_shapes(args.model, gguf_file=args.gguf_file)
-        report = validate(
-            args.path,
-            checksums=not args.no_checksums,
-            values=not args.no_values,
-            model_shapes=shapes,
-            max_bytes=args.max_bytes,
-        )
+        checks = ", ".join(c for c, off in (("checksums", args.no_checksums), ("values", args.no_values)) if not off)
+        with phase(f"validate {args.path}" + (f" ({checks})" if checks else "")):
+            report = validate(
+                args.path,
+                checksums=not args.no_checksums,
+                values=not args.no_values,
+                model_shapes=shapes,
+                max_bytes=args.max_bytes,
+            )
     if args.json:
         print_json(report.to_json())
     else:
