@@ -3,7 +3,7 @@
 # Every part resumes its own runs.csv, so the script can be stopped and run again; the parts that
 # only change the curvature or the adapter reuse the base model's row (and, for N_s, plain LoRA's
 # runs, which do not depend on the curvature) from the first part.
-# Usage: bash benchmarks/paper_claims.sh [PART...]   (parts: forms ns rank steps; default all)
+# Usage: bash benchmarks/paper_claims.sh [PART...]   (parts: forms ns rank tuned steps; default all)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 LH=${LH:-.venv-test/bin/laplace-hub}
@@ -43,11 +43,18 @@ rank() {  # (e) LoRA rank 32 (rank 8 is the forms part)
     "$LH" sweep "${COMMON[@]}" --methods lora,kron --strengths 10 --lora-rank 32 --out "$OUT/rank-32" --resume
 }
 
+tuned() {  # every knob tuned alike: the points --select budget picks next on the main sweep's grid, and lower
+    # grids for the methods with no setting within a point of LoRA's validation EM there (L2, Mask-the-Target)
+    seed_rows "$OUT/forms" "$OUT/tuned" base lora
+    "$LH" sweep "${COMMON[@]}" --methods lora,l2,mtt,flat_lora,migu --strengths 0.1 --grid mtt=0.01 \
+        --grid flat_lora=0.0707 --grid migu=0.612 --out "$OUT/tuned" --resume
+}
+
 steps() {  # (f) 120 training steps (40 is the forms part)
     seed_rows "$OUT/forms" "$OUT/steps-120" base
     "$LH" sweep "${COMMON[@]}" --methods lora,kron --strengths 10 --steps 120 --out "$OUT/steps-120" --resume
 }
 
-for part in "${@:-forms ns rank steps}"; do
+for part in "${@:-forms ns rank tuned steps}"; do
     for p in $part; do "$p"; done
 done

@@ -75,6 +75,13 @@ def register(sub: Any) -> None:
         "NAME=source is that split, self:N the model's own samples; each cut to the split's size)",
     )
     p.add_argument("--strengths", default="10,100,1000")
+    p.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        metavar="METHOD=VALUES",
+        help="the knob values of a method with its own grid instead of that grid, e.g. mtt=0.01,0.03 (repeatable)",
+    )
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--lr", type=float, default=2e-3)
@@ -122,11 +129,12 @@ def run(args: argparse.Namespace) -> int:
     from laplace_hub.data import DatasetSpec
     from laplace_hub.evaluation.experiment import SweepExperiment, run_experiment
     from laplace_hub.evaluation.report import table
-    from laplace_hub.evaluation.sweep import SourceSizes, SweepConfig
+    from laplace_hub.evaluation.sweep import OWN_GRIDS, SourceSizes, SweepConfig
 
     methods = parse_list(args.methods, str, "--methods")
     if "lora_init" in methods:
         print("note: --methods lora_init is now lora_diag (the name goes in 0.3)", file=sys.stderr)
+    grids = {**OWN_GRIDS, **dict(_grid(item) for item in args.grid)}
     experiment = SweepExperiment(
         model=args.model,
         gguf_file=args.gguf_file,
@@ -142,6 +150,7 @@ def run(args: argparse.Namespace) -> int:
             lr=args.lr,
             eig_rank=args.eig_rank,
             probes=not args.no_probes,
+            grids=grids,
         ),
         sizes=SourceSizes(
             curvature_batches=args.curvature_batches, eval_batches=args.eval_batches, max_length=args.max_length
@@ -175,6 +184,17 @@ def _task_sizes(text: str) -> tuple[int, int, int]:
     if len(sizes) != 3 or min(sizes) < 1:
         raise LaplaceHubError(f"--task-sizes {text!r}: expected three positive counts TRAIN,VAL,TEST")
     return sizes[0], sizes[1], sizes[2]
+
+
+def _grid(item: str) -> tuple[str, tuple[float, ...]]:
+    """``--grid METHOD=V1,V2`` → ``(method, (v1, v2))``, for a method that sweeps its own knob."""
+    from laplace_hub.evaluation.sweep import NO_KNOB, OWN_GRIDS
+
+    method, _, values = item.partition("=")
+    if method not in OWN_GRIDS or method in NO_KNOB or not values:
+        knobs = ", ".join(m for m in OWN_GRIDS if m not in NO_KNOB)
+        raise LaplaceHubError(f"--grid {item!r}: expected METHOD=VALUES for one of {knobs}")
+    return method, parse_list(values, float, "--grid")
 
 
 def _artifact(item: str) -> tuple[str, Path]:

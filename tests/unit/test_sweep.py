@@ -253,3 +253,28 @@ def test_the_sweep_command_with_curvature_from_other_data_and_bisection(tmp_path
     assert tried == [1.0, 31.6, 1000.0]
     assert all("test_source_nll_ci" in s and "test_target_em_ci" in s for s in summary)
     assert all("test_source_nll_vs_lora" in s for s in kron)
+
+
+def test_a_methods_own_grid_is_replaced_by_grid_and_a_bad_one_refused_in_one_line(tmp_path: Path) -> None:
+    from laplace_hub.cli.sweep_cmd import _grid
+    from tests.conftest import run_cli
+
+    assert _grid("mtt=0.01,0.03") == ("mtt", (0.01, 0.03))
+    cfg = SweepConfig(methods=("mtt", "l2"), strengths=(0.1,), seeds=(0,), grids={"mtt": (0.01,)})
+    assert planned_runs(cfg) == [("mtt", 0.01, 0), ("l2", 0.1, 0)]
+    result = run_cli(
+        "sweep",
+        "smollm2",
+        "--source",
+        "x=stdlib:pydoc",
+        "--target",
+        "arithmetic",
+        "--grid",
+        "lora=1",
+        "--out",
+        str(tmp_path / "s"),
+    )
+    assert result.returncode == 1 and "--grid 'lora=1': expected METHOD=VALUES for one of mtt, flat_lora, migu" in (
+        result.stderr
+    )
+    assert len(result.stderr.strip().splitlines()) == 1
