@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-PARTS = ("forms", "ns-1", "ns-2", "ns-3", "rank-32", "steps-120")
+PARTS = ("forms", "ns-1", "ns-2", "ns-3", "rank-32", "tuned", "steps-120")
 
 
 def _interval(entry: dict[str, Any], key: str, digits: int) -> str:
