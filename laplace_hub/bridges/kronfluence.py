@@ -15,8 +15,8 @@ sequences (``per_sequence``, the dataset's size) or the tokens (``per_token``). 
 counted must be those with a label: feed ``ids[:-1]`` with labels ``ids[1:]`` and mask padding.
 Every module named in the files must be an ``nn.Linear`` of the model; one with a bias has its
 ones-column dropped (the weight block of the augmented factor). EK-FAC's corrected eigenvalues
-(``lambda_matrix``) have no structure in the format: the K-FAC covariances of an ``ekfac``
-folder are exported, with a warning.
+(``lambda_matrix``) have no structure in the format: the K-FAC covariances of a folder holding
+them are exported, with a warning.
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ def to_artifact(
         pool.inputs[name] = inputs[: module.in_features, : module.in_features]  # a bias's ones-column dropped
         pool.outputs[name] = covariances["gradient_covariance"][name].double()
         _check_shapes(name, module, inputs, pool.outputs[name])
-    if settings.get("strategy") == "ekfac":
+    if (root / "lambda_matrix.safetensors").is_file():
         warnings.warn(
             "the EK-FAC corrected eigenvalues (lambda_matrix) are not exported: the format has no structure for "
             "them yet; the artifact holds the K-FAC covariances of the same fit",

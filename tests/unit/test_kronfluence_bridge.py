@@ -144,12 +144,16 @@ def validate_in_memory(artifact) -> bool:  # type: ignore[no-untyped-def]
         return validate(Path(scratch) / "a").valid
 
 
-def test_ekfac_exports_its_kfac_covariances_with_a_warning(fitted) -> None:  # type: ignore[no-untyped-def]
+def test_ekfac_exports_its_kfac_covariances_with_a_warning(fitted, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     from laplace_hub.bridges.kronfluence import to_artifact
 
     model, folder = fitted
     with pytest.warns(UserWarning, match="lambda_matrix"):
         to_artifact(folder, model, base_model="me/tiny", batch_size=2)
+    covariances_only = shutil.copytree(folder, tmp_path / "factors", ignore=shutil.ignore_patterns("lambda_*"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing to warn about: no corrected eigenvalues were fitted
+        to_artifact(covariances_only, model, base_model="me/tiny", batch_size=2)
 
 
 @pytest.mark.parametrize(
