@@ -34,6 +34,14 @@ def repo_path(root: Path, repo_id: str, subfolder: str = "") -> Path:
     return root.joinpath(*parts)
 
 
+def check_subfolder(sub: str) -> None:
+    """Refuse a Hub subfolder with a part that is empty, ``.``, ``..`` or holds a backslash (it goes into URLs)."""
+    from laplace_hub.errors import HubError
+
+    if sub and any(part in ("", ".", "..") or "\\" in part for part in sub.split("/")):
+        raise HubError(f"invalid subfolder {sub!r}", location="subfolder")
+
+
 def lock_path(folder: Path) -> Path:
     """The lock file of an artifact folder in a local hub: a sibling, so that a swap of the folder keeps it."""
     return folder.parent / f".{folder.name}.lock"

@@ -58,7 +58,7 @@ from laplace_hub.hub.download import (
     into_cache,
     list_folder,
 )
-from laplace_hub.hub.locations import endpoint_of, local_root, lock_path, repo_path
+from laplace_hub.hub.locations import check_subfolder, endpoint_of, local_root, lock_path, repo_path
 from laplace_hub.manifest import CARD_NAME, INDEX_NAME, MANIFEST_NAME, expected_tensors, parse_manifest
 from laplace_hub.progress import note, phase
 
@@ -573,8 +573,7 @@ def _pull_remote(
         raise MissingExtraError("huggingface-hub", "hf") from e
     api = HfApi(endpoint=endpoint, token=token)
     where = f"{repo_id}@{revision or 'main'}" + (f"/{sub}" if sub else "")
-    if sub and any(part in ("", ".", "..") or "\\" in part for part in sub.split("/")):
-        raise HubError(f"invalid subfolder {sub!r}", location="subfolder")
+    check_subfolder(sub)
     repo_dir = cache_folder(Path(cache_dir or constants.HF_HUB_CACHE), repo_id)
     deadline = Deadline(where, timeout)  # every request of the pull, the first included
     sha = resolve_commit(api, repo_id, revision, repo_dir, where, deadline)

@@ -21,7 +21,7 @@ from laplace_hub.artifact.findings import Report
 from laplace_hub.artifact.staging import folder_lock
 from laplace_hub.errors import MissingExtraError
 from laplace_hub.hub.download import Deadline, cache_folder
-from laplace_hub.hub.locations import endpoint_of, local_root, lock_path, repo_path
+from laplace_hub.hub.locations import check_subfolder, endpoint_of, local_root, lock_path, repo_path
 from laplace_hub.hub.pull import Download, resolve_commit
 from laplace_hub.manifest import INDEX_NAME, MANIFEST_NAME
 from laplace_hub.progress import phase
@@ -83,6 +83,7 @@ def validate_remote(
         from huggingface_hub import HfApi, constants
     except ImportError as e:
         raise MissingExtraError("huggingface-hub", "hf") from e
+    check_subfolder(sub)  # it becomes part of every URL
     endpoint = endpoint_of(hub)
     where = f"{repo_id}@{revision or 'main'}" + (f"/{sub}" if sub else "")
     deadline = Deadline(where, timeout)

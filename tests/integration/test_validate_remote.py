@@ -147,3 +147,12 @@ def test_a_local_hub_is_validated_in_place_with_values(tmp_path: Path) -> None:
     shutil.copytree(CONFORMANCE / "invalid" / "nan", tmp_path / "hub" / "me" / "curv")
     report = validate_remote("me/curv", hub=tmp_path / "hub")
     assert [f.code for f in report.errors] == ["value.non_finite"]
+
+
+def test_a_subfolder_that_leaves_the_repo_is_refused_before_any_request(server: HubServer) -> None:
+    from laplace_hub.errors import HubError
+
+    commit(server, regular_files(SHARDED))
+    with pytest.raises(HubError, match=r"invalid subfolder '\.\./other'"):
+        validate_remote("me/curv", subfolder="../other", hub=server.url, token=TOKEN)
+    assert server.state.served == []
